@@ -220,3 +220,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             k, v = item.split("=", 1)
             values[k.strip()] = coerce(k.strip(), yaml.safe_load(v), "--set")
     return dataclasses.replace(base or TrainingConfig(), **values)
+
+
+# Hardware profiles: overrides applied before a YAML file / --set. The CPU profile makes a trial cheap:
+# a seeded, frozen small 3D CNN whose per-view embeddings are computed once and cached, so trials train only
+# what sits above the backbone. The GPU profile fine-tunes a Kinetics-400 torchvision backbone end to end.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {"backbone": "small3d", "weights": "none", "feature_mode": "frozen", "device": "cpu"},
+    "gpu": {"backbone": "r2plus1d_18", "weights": "DEFAULT", "feature_mode": "end_to_end", "device": "cuda",
+            "frame_size": 112, "batch_size": 8, "grad_accum": 4, "amp": True, "num_workers": 4,
+            "pin_memory": True},
+}
