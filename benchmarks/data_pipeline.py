@@ -1,0 +1,112 @@
+"""Clips per second: PyAV decode of the frame window vs. reads from the memory-mapped clip cache.
+
+    python benchmarks/data_pipeline.py                 # synthetic default data set + a 398x224 real-size set
+    python benchmarks/data_pipeline.py --data DIR      # also (or instead, with --no-synthetic) a real MVFouls root
+
+Each source: decode `--clips` clips with `decode_clip` (one process, the baseline window 63..87 -> 16 x 112x112),
+fill a fresh ClipCache with them, then read them `--repeats` times through `ClipCache.get` + a copy into memory
+(what MultiViewDataset does per view). The 398x224 set is written here with write_clip (126 frames, 25 fps,
+textured panning content with sensor noise, like broadcast video) because the synthetic generator writes small
+frames. Goal (issue 2): cached >= 100x decode.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from mvfouls_ab.data.annotations import Clip, load_split
+from mvfouls_ab.data.dataset import ClipCache
+from mvfouls_ab.data.video import ClipWindow, decode_clip, write_clip
+
+
+def broadcast_like(frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Textured pitch panning 1.5 px per frame, a moving blob, and a little sensor noise on every frame."""
+    texture = rng.integers(0, 256, (height // 4 + 1, (width + 2 * frames) // 4 + 1, 3), dtype=np.uint8)
+    texture = np.kron(texture, np.ones((4, 4, 1), np.uint8)).astype(np.int16) // 3 + np.array([40, 110, 40])
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        shift = int(1.5 * t)
+        frame = texture[:height, shift:shift + width].copy()
+        x, y = 40 + 2 * t, height // 2 + int(20 * np.sin(t / 10))
+        frame[max(y - 12, 0):y + 12, x % (width - 24):x % (width - 24) + 24] = (220, 60, 60)
+        frame += rng.integers(-6, 7, frame.shape, dtype=np.int16)
+        video[t] = np.clip(frame, 0, 255)
+    return video
+
+
+def make_real_size_clips(out: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    return [write_clip(out / f"action_{i}" / "clip_0.mp4", broadcast_like(126, 224, 398, rng)) for i in range(n)]
+
+
+def clips_of(root: Path, split: str, n: int) -> list[Path]:
+    actions = load_split(root, split).actions
+    return [c.path for a in actions for c in a.clips][:n]
+
+
+def measure(name: str, paths: list[Path], window: ClipWindow, repeats: int) -> dict[str, float]:
+    with av.open(str(paths[0])) as container:
+        stream = container.streams.video[0]
+        shape = f"{stream.width}x{stream.height}, {stream.frames} frames"
+    decode_s = []
+    for path in paths:
+        start = time.perf_counter()
+        decode_clip(path, window)
+        decode_s.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="mvfouls_bench_cache_") as tmp:
+        cache = ClipCache(tmp)
+        for path in paths:
+            cache.get(Clip("", path, "", None, None), window)
+        clips = [Clip("", p, "", None, None) for p in paths]
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for clip in clips:
+                np.array(cache.get(clip, window))  # memory-mapped read + copy into RAM
+        read_s = (time.perf_counter() - start) / (repeats * len(clips))
+    decode = statistics.median(decode_s)
+    result = {"decode_clips_s": 1 / decode, "cached_clips_s": 1 / read_s, "ratio": decode / read_s}
+    print(f"\n{name}: {len(paths)} clips ({shape}); window frames {window.start}..{window.end} -> "
+          f"{window.num_frames} x {window.size}x{window.size}")
+    print(f"  PyAV decode          {result['decode_clips_s']:10.1f} clips/s  ({decode * 1e3:8.3f} ms/clip, median)")
+    print(f"  cached mmap read     {result['cached_clips_s']:10.1f} clips/s  ({read_s * 1e3:8.3f} ms/clip, "
+          f"mean of {repeats} passes)")
+    print(f"  ratio cached/decode  {result['ratio']:10.0f}x   (goal >= 100x: {'met' if result['ratio'] >= 100 else 'NOT met'})")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=40, help="clips per source")
+    parser.add_argument("--repeats", type=int, default=20, help="passes over the cached clips")
+    parser.add_argument("--size", type=int, default=112, help="frame size of the window")
+    parser.add_argument("--data", type=Path, help="an MVFouls root (real or synthetic) to measure too")
+    parser.add_argument("--split", default="Train")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the default synthetic data set")
+    parser.add_argument("--no-real-size", action="store_true", help="skip the 398x224 clips written here")
+    args = parser.parse_args()
+    window = ClipWindow(size=args.size)
+    if args.data:
+        measure(f"data set {args.data}", clips_of(args.data, args.split, args.clips), window, args.repeats)
+    if not args.no_synthetic:
+        try:
+            from mvfouls_ab.data.synthetic import default_data_root
+        except ImportError:
+            print("\n(synthetic generator not available: skipped)")
+        else:
+            root = default_data_root()
+            measure(f"synthetic default data set {root}", clips_of(root, args.split, args.clips), window,
+                    args.repeats)
+    if not args.no_real_size:
+        with tempfile.TemporaryDirectory(prefix="mvfouls_bench_clips_") as tmp:
+            paths = make_real_size_clips(Path(tmp), args.clips)
+            measure("real-size clips (398x224, written with write_clip)", paths, window, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""python -m mvfouls_ab.ab --experiment experiments/ab_NAME.yaml [--seeds 5] [--folds 5] [--storage URL]
+[--tracking-uri URI] [--out DIR] [--workers N] [--set key=value ...]
+
+Runs the experiment's arms x seeds x folds cells (resumable: finished cells are never rerun; several workers on the
+same --storage share the cells), then prints the verdict table, writes cells.csv / verdicts.csv / arms.csv /
+verdicts.json and report.html under --out, and logs them to the experiment's MLflow parent run.
+See mvfouls_ab/abtest.py for the design, the storage layout and the statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import abtest
+from .errors import MVFoulsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.ab", description=__doc__.split("\n\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", required=True, help="experiments/ab_NAME.yaml")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the YAML's, else 5)")
+    ap.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: the YAML's, else 5)")
+    ap.add_argument("--storage", default=abtest.DEFAULT_STORAGE,
+                    help=f"Optuna RDB storage holding the cells (default {abtest.DEFAULT_STORAGE})")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/ab/NAME)")
+    ap.add_argument("--profile", choices=("cpu", "gpu"), default=None, help="hardware profile (default: the YAML's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a TrainingConfig key of the shared base (all arms)")
+    ap.add_argument("--data", default=None, help="data root (default: the cached synthetic data set)")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes on this machine (share --storage)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    ap.add_argument("--max-cells", type=int, default=None, help="stop this worker after this many cells")
+    ap.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    ap.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)  # children of --workers N
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args, argv if argv is not None else sys.argv[1:])
+    except MVFoulsError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    from .tracking import DEFAULT_TRACKING_URI
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data_root={args.data}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    overrides.append(f"threads={threads}")
+    exp = abtest.load_experiment(args.experiment, args.seeds, args.folds, args.profile, overrides)
+    tracking_uri = None if args.no_mlflow else (args.tracking_uri or DEFAULT_TRACKING_URI)
+    out = args.out or Path("runs") / "ab" / exp.name
+
+    if args.workers > 1:
+        # N independent workers on the same storage; each claims cells until none is waiting.
+        cmd = [sys.executable, "-m", "mvfouls_ab.ab", *_without(argv, ("--workers", "--threads")),
+               "--worker-only", "--threads", str(threads)]
+        abtest.CellStore(exp, args.storage).prepare()   # enqueue once, before the workers race
+        procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            print(f"[ab] worker exit codes: {codes}", file=sys.stderr)
+    else:
+        summary = abtest.run_worker(exp, args.storage, tracking_uri, out, args.max_cells)
+        if summary.failed:
+            print(f"[ab] {len(summary.failed)} cells failed (rerun the same command to retry them):",
+                  file=sys.stderr)
+            for key, err in summary.failed.items():
+                print(f"  {key}: {err}", file=sys.stderr)
+        if args.worker_only:
+            return 1 if summary.failed else 0
+    return finish(exp, args.storage, tracking_uri, out, report=not args.no_report)
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv minus the given options and their values ("--opt V" and "--opt=V")."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(f"{o}=" for o in options)):
+            out.append(a)
+    return out
+
+
+def finish(exp: abtest.Experiment, storage: str, tracking_uri: str | None, out: Path, report: bool = True) -> int:
+    """Verdicts from whatever is finished; the report and MLflow logging once every cell is."""
+    store = abtest.CellStore(exp, storage)
+    counts = store.counts()
+    finished = store.finished()
+    table = abtest.results_table(exp, finished)
+    frame = abtest.verdict_frame(abtest.analyze(exp, table))
+    summary = abtest.arm_summary(exp, table)
+    paths = abtest.write_results(exp, out, table, frame, summary)
+    complete = counts["finished"] == counts["cells"]
+    state = "complete" if complete else f"PARTIAL: {counts['finished']} of {counts['cells']} cells"
+    print(f"\n[ab] {exp.study_name} ({state}); control = {exp.control}")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print()
+    print(abtest.format_verdicts(frame))
+    print(f"\n[ab] results: {', '.join(str(p) for p in paths.values())}")
+    if not complete:
+        print(f"[ab] {counts['running']} cells running elsewhere, {counts['waiting']} waiting; "
+              "rerun the same command to continue (finished cells are not rerun)")
+        return 0 if counts["running"] or counts["waiting"] else 1
+    html = None
+    if report:
+        from .report import write_experiment_report
+
+        html = write_experiment_report(exp.name, storage, out / "report.html", tracking_uri=tracking_uri)
+        print(f"[ab] report: {html}")
+    if tracking_uri:
+        log_to_mlflow(store, tracking_uri, paths, frame, html)
+    return 0
+
+
+def log_to_mlflow(store: abtest.CellStore, tracking_uri: str, paths: dict[str, Path], frame, html: Path | None) -> None:
+    """Verdict files and report on the parent run; per-arm verdict tags; parent and arm runs FINISHED."""
+    from .tracking import make_client
+
+    runs = abtest.ensure_parent_runs(store, tracking_uri)
+    client = make_client(tracking_uri)
+    parent = runs["_parent"]
+    for path in paths.values():
+        client.log_artifact(parent, str(path), "verdicts")
+    if html is not None:
+        client.log_artifact(parent, str(html))
+    for arm in store.experiment.treatments:
+        rows = frame[frame.arm == arm]
+        primary = rows[rows.metric == abtest.PRIMARY_METRIC]
+        if not primary.empty:
+            r = primary.iloc[0]
+            client.set_tag(runs[arm], "verdict", r.verdict)
+            client.set_tag(parent, f"verdict.{arm}", r.verdict)
+            client.log_metric(runs[arm], "ab/leaderboard_diff", float(r["diff"]))
+            client.log_metric(runs[arm], "ab/leaderboard_p_holm", float(r.p_holm))
+    for name, run_id in runs.items():
+        if not name.startswith("_"):
+            client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

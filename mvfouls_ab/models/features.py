@@ -1,0 +1,160 @@
+"""Frozen-backbone mode: per-view embeddings computed once and cached on disk, so trials train only the head.
+
+`load_features(cfg, split, cache)` returns a `FeatureSet` for one split. The embeddings are stored in
+`<cache_dir>/features/<key>/<split>.npz`, where key hashes everything that determines them: the backbone, its
+weights (a local file by the sha1 of its bytes), the split's data fingerprint (action ids, clip files with size and
+modification time, view order), the frame window and frame size. Labels are not part of the file: they are read
+from the annotations on every call. Files are written to a temporary name and renamed (atomic).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import TrainingConfig
+from ..data.annotations import SplitAnnotations
+from ..data.dataset import MAX_VIEWS, ClipCache
+from ..data.video import ClipWindow
+from .backbones import BACKBONE_VERSION, build_backbone, normalize_clips
+
+FEATURE_BATCH = 32  # clips per backbone forward pass
+
+
+@dataclass
+class FeatureSet:
+    """Per-view embeddings of one split: feats float32 [N, V, D] (V = 4, zeros where view_mask is False)."""
+
+    feats: torch.Tensor
+    view_mask: torch.Tensor
+    action: torch.Tensor
+    severity: torch.Tensor
+    action_ids: list[str]
+    key: str = ""
+    computed: bool = False   # True when this call ran the backbone, False when it read the cache
+
+    def __len__(self) -> int:
+        return len(self.action_ids)
+
+
+def weights_id(weights: str) -> str:
+    """'none', 'DEFAULT' or 'sha1:<hash of the file's bytes>'."""
+    if weights in ("", "none", "DEFAULT"):
+        return weights or "none"
+    digest = hashlib.sha1()
+    with open(Path(weights).expanduser(), "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha1:{digest.hexdigest()}"
+
+
+def data_fingerprint(split: SplitAnnotations) -> str:
+    """Hash of the split's actions and clip files (absolute path, size, mtime) in view order."""
+    digest = hashlib.sha1(split.split.encode())
+    for action in split.actions:
+        digest.update(f"\n{action.action_id}".encode())
+        for clip in action.clips:
+            path = Path(os.path.abspath(clip.path))
+            stat = path.stat()
+            digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def feature_key(cfg: TrainingConfig, split: SplitAnnotations) -> tuple[str, dict[str, str]]:
+    """(short key, the values it hashes)."""
+    window = ClipWindow.from_config(cfg)
+    parts = {"backbone": cfg.backbone, "backbone_version": BACKBONE_VERSION, "weights": weights_id(cfg.weights),
+             "data": data_fingerprint(split), "window": window.key()}
+    key = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{cfg.backbone}-{key}", parts
+
+
+def feature_path(cache: ClipCache, key: str, split: str) -> Path:
+    """<cache_dir>/features/<key>/<split>.npz (the ClipCache lives in <cache_dir>/clips)."""
+    return cache.root.parent / "features" / key / f"{split}.npz"
+
+
+def _device(cfg: TrainingConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def compute_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCache,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Run the backbone over every view of every action: (feats float32 [N, V, D], view_mask bool [N, V])."""
+    window = ClipWindow.from_config(cfg)
+    cache.warm(split.actions, window, workers=cfg.num_workers, progress=progress)  # decode misses in parallel
+    device = _device(cfg)
+    backbone, dim = build_backbone(cfg.backbone, cfg.weights, cfg.num_frames, cfg.frame_size)
+    backbone.to(device).eval()
+    width = max([MAX_VIEWS, *(len(a.clips) for a in split.actions)])
+    feats = np.zeros((len(split.actions), width, dim), np.float32)
+    mask = np.zeros((len(split.actions), width), bool)
+    jobs = [(i, v, clip, action.action_id) for i, action in enumerate(split.actions)
+            for v, clip in enumerate(action.clips)]
+    bar = tqdm(total=len(jobs), desc=f"{split.split} features ({cfg.backbone})", unit="clip", disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, len(jobs), FEATURE_BATCH):
+            batch = jobs[start:start + FEATURE_BATCH]
+            clips = torch.from_numpy(np.stack([cache.get(clip, window, aid) for _, _, clip, aid in batch]))
+            out = backbone(normalize_clips(clips.to(device))).float().cpu().numpy()
+            for (i, v, _, _), row in zip(batch, out):
+                feats[i, v] = row
+                mask[i, v] = True
+            bar.update(len(batch))
+    bar.close()
+    return feats, mask
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load(path: Path, action_ids: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays, or None when missing, unreadable or not for these actions (then recomputed)."""
+    try:
+        with np.load(path) as data:
+            if list(data["action_ids"]) != action_ids:
+                return None
+            return data["feats"], data["view_mask"]
+    except (FileNotFoundError, OSError, KeyError, ValueError):
+        return None
+
+
+def load_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCache,
+                  progress: bool = True) -> FeatureSet:
+    """Per-view embeddings of `split` with cfg's backbone: read from the feature cache, or computed once and cached."""
+    key, parts = feature_key(cfg, split)
+    path = feature_path(cache, key, split.split)
+    action_ids = [a.action_id for a in split.actions]
+    loaded = _load(path, action_ids)
+    computed = loaded is None
+    if loaded is None:
+        feats, mask = compute_features(cfg, split, cache, progress)
+        _save(path, feats=feats, view_mask=mask, action_ids=np.array(action_ids, dtype=str))
+        meta = path.parent / "meta.json"
+        if not meta.exists():
+            tmp = meta.with_name(f".meta.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps({**parts, "frame_size": cfg.frame_size, "num_frames": cfg.num_frames},
+                                      indent=1))
+            os.replace(tmp, meta)
+    else:
+        feats, mask = loaded
+    targets = split.targets()
+    return FeatureSet(torch.from_numpy(np.ascontiguousarray(feats, np.float32)), torch.from_numpy(mask.astype(bool)),
+                      torch.from_numpy(targets["action"]), torch.from_numpy(targets["severity"]), action_ids,
+                      key=key, computed=computed)

@@ -1,0 +1,545 @@
+"""Everything MLflow: experiments, parent/child runs, batched logging that survives an unreachable server, figures.
+
+Layout in MLflow: one experiment per study (named after the study); one parent run per study; one nested child run
+per trial (tag ``mlflow.parentRunId``). A child run gets the flat TrainingConfig as params (batches of <= 100), tags
+(variant, phase plan, trial number, data fingerprint, git commit), every DetailedMetrics record as step metrics
+(step = epoch) in ONE ``log_batch`` request per epoch, confusion matrices per epoch as JSON, plotly HTML for the
+confusion matrices at each phase end and for the best epoch, learning curves and the class distribution as plotly
+HTML, and the final prediction files and best checkpoint as artifacts.
+
+Default tracking URI: ``sqlite:///mlflow.db`` in the working directory, next to the default Optuna storage
+``sqlite:///optuna.db``, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run from the same directory shows
+it. (Artifacts of a SQLite store go to ``./mlruns``.)
+
+Unreachable server: every operation of a run goes through a background thread (:class:`RunLogger`) in order.
+When a request fails for a transient reason the thread keeps the operation (and everything after it) in memory,
+appends them to ``<run_dir>/mlflow_spill.jsonl``, and retries with exponential backoff (capped at 5 s); training
+never waits. ``end()`` flushes; if the server is still down after ``flush_timeout`` seconds the spill file stays and
+``python -m mvfouls_ab.tracking replay <run_dir>/mlflow_spill.jsonl --tracking-uri URI`` sends it later.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .errors import StudyError, located
+from .labels import ACTION_CLASSES, SEVERITY_CLASSES, TASKS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000          # MLflow's own log_batch limit
+SPILL_NAME = "mlflow_spill.jsonl"
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow error codes that retrying cannot fix: the operation is dropped with a warning.
+PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+
+# ---- URIs and clients ---------------------------------------------------------------------------------------
+def check_tracking_uri(uri: str) -> str:
+    """Return the URI unchanged, or raise StudyError for one MLflow cannot use."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise StudyError(located("--tracking-uri", f"{uri!r} is not a tracking URI MLflow understands",
+                                 f"use {DEFAULT_TRACKING_URI}, http://127.0.0.1:5000 or postgresql://user@host/db"))
+    if scheme in ("http", "https") and not parsed.hostname:
+        raise StudyError(located("--tracking-uri", f"{uri!r} has no host", "write http://HOST:PORT"))
+    if scheme in ("http", "https"):
+        try:
+            parsed.port
+        except ValueError:
+            raise StudyError(located("--tracking-uri", f"{uri!r} has an invalid port",
+                                     "write http://HOST:PORT with a numeric port")) from None
+    return uri
+
+
+def make_client(uri: str):
+    """An MlflowClient whose HTTP requests fail fast (our own thread retries, with backoff, without blocking)."""
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return MlflowClient(tracking_uri=check_tracking_uri(uri))
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    """Experiment id for ``name``; safe when several workers race to create it."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:   # another worker created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_fingerprint(root: Path | str) -> str:
+    """Short content hash of the split annotation files (which data a run saw)."""
+    h = hashlib.sha1()
+    for split in ("Train", "Valid", "Test"):
+        p = Path(root) / split / "annotations.json"
+        if p.is_file():
+            h.update(split.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    code = getattr(exc, "error_code", None)
+    return not (isinstance(code, str) and code in PERMANENT_ERRORS)
+
+
+# ---- the ordered, retrying background logger ----------------------------------------------------------------
+class RunLogger:
+    """Sends the operations of one MLflow run, in order, from a background thread.
+
+    Operations are plain JSON-able dicts (so they can be spilled to disk and replayed):
+    ``create`` (experiment, run_name, tags, parent), ``resume`` (run_id), ``metrics`` (step, values, ts),
+    ``params``, ``tags``, ``text`` (artifact file + content), ``artifact`` (local path), ``terminate`` (status).
+    While the server is unreachable the pending operations are rewritten to the spill file after every failed
+    attempt, so a crash loses nothing either (replaying may repeat already-sent operations; MLflow de-duplicates
+    identical metrics, params and artifacts).
+    """
+
+    def __init__(self, client, spill_path: Path | None = None, max_backoff: float = 5.0) -> None:
+        self.client = client
+        self.spill_path = Path(spill_path) if spill_path else None
+        self.run_id: str | None = None
+        self.created = threading.Event()
+        self.max_backoff = max_backoff
+        self.requests = 0            # operations sent
+        self.failures = 0            # failed attempts
+        self.busy_s = 0.0            # time the thread spent sending
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: deque[dict] = deque()
+        self._cond = threading.Condition()
+        self._submitted = 0
+        self._done = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    # -- producer side (training thread) --
+    def submit(self, op: dict) -> None:
+        with self._cond:
+            self._submitted += 1
+        self._inbox.put(op)
+
+    def wait_run_id(self, timeout: float = 0.0) -> str | None:
+        self.created.wait(timeout)
+        return self.run_id
+
+    @property
+    def backlog(self) -> int:
+        with self._cond:
+            return self._submitted - self._done
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every submitted operation is sent; False if the server stayed unreachable."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._done >= self._submitted, timeout)
+
+    def close(self, timeout: float = 60.0) -> bool:
+        ok = self.flush(timeout)
+        self._stop = True
+        self._inbox.put(None)
+        self._thread.join(5.0)
+        if not ok:
+            self._spill()
+            log.warning("MLflow unreachable: %d operations kept in %s; replay with "
+                        "`python -m mvfouls_ab.tracking replay %s --tracking-uri URI`",
+                        len(self._pending), self.spill_path, self.spill_path)
+        return ok
+
+    # -- consumer side (background thread) --
+    def _work(self) -> None:
+        backoff = 0.25
+        failing = False
+        while True:
+            if not self._pending:
+                op = self._inbox.get()
+                if op is None:
+                    if self._stop:
+                        return
+                    continue
+                self._pending.append(op)
+            arrived = self._drain_inbox()
+            if failing and arrived:
+                self._spill()
+            op = self._pending[0]
+            t0 = time.perf_counter()
+            try:
+                execute(self.client, op, self)
+                sent = True
+            except Exception as exc:   # noqa: BLE001 - the server's problem must never stop training
+                self.failures += 1
+                sent = not _is_transient(exc)
+                if sent:
+                    log.warning("MLflow dropped %s: %s", op.get("op"), exc)
+            self.busy_s += time.perf_counter() - t0
+            if sent:
+                self.requests += 1
+                self._pending.popleft()
+                backoff = 0.25
+                with self._cond:
+                    self._done += 1
+                    self._cond.notify_all()
+                if not self._pending and failing:
+                    failing = False
+                    if self.spill_path and self.spill_path.exists():
+                        self.spill_path.unlink()    # everything in it has been delivered
+                continue
+            failing = True
+            self._spill()
+            if self._stop:
+                return
+            time.sleep(backoff)
+            backoff = min(self.max_backoff, backoff * 2)
+
+    def _drain_inbox(self) -> int:
+        n = 0
+        while True:
+            try:
+                op = self._inbox.get_nowait()
+            except queue.Empty:
+                return n
+            if op is not None:
+                self._pending.append(op)
+                n += 1
+
+    def _spill(self) -> None:
+        """Atomically rewrite the spill file with the run id (when known) and every pending operation."""
+        if self.spill_path is None:
+            return
+        ops = ([{"op": "bind", "run_id": self.run_id}] if self.run_id else []) + list(self._pending)
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.spill_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(op) + "\n" for op in ops))
+        os.replace(tmp, self.spill_path)
+
+
+class _RunRef:
+    """What execute() needs to know about a run when no RunLogger thread is involved (replay)."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.created = threading.Event()
+
+
+def execute(client, op: dict, state: RunLogger | _RunRef) -> None:
+    """Send one operation (one request, or a few for a params list > 100)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = op["op"]
+    if kind == "bind":
+        state.run_id = op["run_id"]
+        state.created.set()
+    elif kind == "create":
+        exp_id = get_or_create_experiment(client, op["experiment"])
+        tags = dict(op.get("tags") or {})
+        if op.get("parent"):
+            tags["mlflow.parentRunId"] = op["parent"]
+        run = client.create_run(exp_id, run_name=op.get("run_name"), tags=tags)
+        state.run_id = run.info.run_id
+        state.created.set()
+    elif kind == "resume":      # continue an existing run (a retried trial)
+        state.run_id = op["run_id"]
+        client.update_run(op["run_id"], status="RUNNING")
+        state.created.set()
+    elif kind == "metrics":
+        items = [Metric(k, float(v), op["ts"], op["step"]) for k, v in op["values"].items()
+                 if v is not None and np.isfinite(float(v))]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            client.log_batch(state.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+    elif kind == "params":
+        items = [Param(k, str(v)[:6000]) for k, v in op["values"].items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(state.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+    elif kind == "tags":
+        client.log_batch(state.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["values"].items()])
+    elif kind == "text":
+        client.log_text(state.run_id, op["text"], op["file"])
+    elif kind == "artifact":
+        if Path(op["path"]).exists():
+            client.log_artifact(state.run_id, op["path"], op.get("artifact_path"))
+    elif kind == "terminate":
+        client.set_terminated(state.run_id, status=op["status"])
+    else:
+        raise ValueError(f"unknown tracking operation {kind!r}")
+
+
+def replay_spill(path: Path | str, tracking_uri: str) -> int:
+    """Send the operations of a spill file left by a run whose server was down at the end. Returns the count."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    state = _RunRef()
+    client = make_client(tracking_uri)
+    for op in lines:
+        execute(client, op, state)
+    Path(path).unlink()
+    return len(lines)
+
+
+# ---- one run ------------------------------------------------------------------------------------------------
+class RunTracker:
+    """One MLflow run (a study's parent run or a trial's child run), logged through a RunLogger."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
+                 parent_run_id: str | None = None, run_dir: Path | str | None = None,
+                 resume_run_id: str | None = None, client=None) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = client or make_client(tracking_uri)
+        spill = Path(run_dir) / SPILL_NAME if run_dir else None
+        self.logger = RunLogger(self.client, spill)
+        if resume_run_id:
+            self.logger.submit({"op": "resume", "run_id": resume_run_id})
+        else:
+            self.logger.submit({"op": "create", "experiment": experiment, "run_name": run_name,
+                                "tags": {k: str(v) for k, v in (tags or {}).items()}, "parent": parent_run_id})
+        self.ended = False
+
+    @property
+    def run_id(self) -> str | None:
+        return self.logger.run_id
+
+    def wait_run_id(self, timeout: float = 30.0) -> str | None:
+        return self.logger.wait_run_id(timeout)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.logger.submit({"op": "params", "values": {k: _plain(v) for k, v in params.items()}})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.logger.submit({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
+
+    def log_metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+        """One request for the whole dict (one epoch's >= 100 metrics)."""
+        self.logger.submit({"op": "metrics", "step": int(step), "ts": int(time.time() * 1000),
+                            "values": {k: float(v) for k, v in values.items()}})
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.logger.submit({"op": "text", "file": artifact_file, "text": json.dumps(data, indent=1, default=_plain)})
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        """A plotly figure as a standalone HTML artifact (plotly.js from the CDN, like mlflow.log_figure)."""
+        self.logger.submit({"op": "text", "file": artifact_file,
+                            "text": fig.to_html(include_plotlyjs="cdn", full_html=True)})
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        self.logger.submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        return self.logger.flush(timeout)
+
+    def end(self, status: str = "FINISHED", error: BaseException | str | None = None,
+            flush_timeout: float = 120.0) -> bool:
+        """Set the final status (FINISHED, FAILED with the error as a tag, KILLED) and flush everything."""
+        if self.ended:
+            return True
+        assert status in TERMINAL_STATUSES, status
+        if error is not None:
+            text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            self.set_tags({"error": text[:4900]})
+        self.logger.submit({"op": "terminate", "status": status})
+        self.ended = True
+        return self.logger.close(flush_timeout)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+def confusion_figure(matrices: Mapping[str, Any], title: str):
+    """Side-by-side heatmaps of the confusion matrices (rows = true class, columns = predicted)."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    keys = list(matrices)
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=keys, horizontal_spacing=0.15)
+    for i, key in enumerate(keys, start=1):
+        cm = np.asarray(matrices[key])
+        names = _class_names(key, cm.shape[0])
+        fig.add_trace(go.Heatmap(z=cm, x=names, y=names, text=cm, texttemplate="%{text}", colorscale="Blues",
+                                 showscale=False), row=1, col=i)
+        fig.update_yaxes(autorange="reversed", title_text="true", row=1, col=i)
+        fig.update_xaxes(title_text="predicted", row=1, col=i)
+    fig.update_layout(title=title, width=520 * len(keys), height=520)
+    return fig
+
+
+def _class_names(key: str, n: int) -> list[str]:
+    for task, names in TASKS.items():
+        if task in key and len(names) == n:
+            return list(names)
+    return [str(i) for i in range(n)]
+
+
+def learning_curves_figure(history: list[dict[str, float]], title: str = "Learning curves"):
+    """Losses, leaderboard and macro recalls per epoch, from the logged metric dicts."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    groups = {"loss": ["train/loss", "val/loss"],
+              "scores": ["val/leaderboard", "val/action/macro_recall", "val/severity/macro_recall",
+                         "val/action/macro_f1", "val/severity/macro_f1"]}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=list(groups))
+    steps = [h["_step"] for h in history]
+    for col, keys in enumerate(groups.values(), start=1):
+        for key in keys:
+            ys = [h.get(key) for h in history]
+            if any(y is not None for y in ys):
+                fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines+markers", name=key), row=1, col=col)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(title=title, width=1100, height=450)
+    return fig
+
+
+def class_distribution(data) -> dict[str, dict[str, list[int]]]:
+    """{split: {task: counts per class}} from a DataBundle's labelled splits."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for split in ("train", "valid", "test"):
+        sa = getattr(data, split, None)
+        if sa is None:
+            continue
+        out[split] = {task: np.bincount([getattr(a, task) for a in sa.actions if getattr(a, task) is not None],
+                                        minlength=len(names)).astype(int).tolist()
+                      for task, names in TASKS.items()}
+    return out
+
+
+def class_distribution_figure(dist: Mapping[str, Mapping[str, list[int]]]):
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("action", "severity"))
+    for split, tasks in dist.items():
+        for col, (task, names) in enumerate((("action", ACTION_CLASSES), ("severity", SEVERITY_CLASSES)), start=1):
+            fig.add_trace(go.Bar(x=list(names), y=tasks[task], name=f"{split} {task}"), row=1, col=col)
+    fig.update_layout(title="Class distribution", barmode="group", width=1200, height=450)
+    return fig
+
+
+# ---- the training sink --------------------------------------------------------------------------------------
+class MLflowSink:
+    """Sink (monitoring.Sink protocol) that logs DetailedMetrics records to one child run.
+
+    log(record): all of ``record.to_mlflow()`` in one request (step = epoch) and the epoch's confusion matrices as
+    JSON. At each phase change and at close: confusion matrices of the phase's last epoch and the learning curves as
+    plotly HTML. ``log_result(result)`` adds the best epoch's confusion matrices, summary metrics ``best/...``, the
+    prediction files and the best checkpoint. ``close()`` flushes but does not end the run (``tracker.end`` does).
+    """
+
+    def __init__(self, tracker: RunTracker) -> None:
+        self.tracker = tracker
+        self.history: list[dict[str, float]] = []
+        self.last = None
+        self.log_s = 0.0          # time the training thread spent inside log()/close()
+
+    def log(self, record) -> None:
+        t0 = time.perf_counter()
+        metrics = record.to_mlflow()
+        step = int(record.step)   # global epoch index (record.epoch restarts at 0 in every phase)
+        if self.last is not None and str(self.last.phase) != str(record.phase):
+            self._phase_end(self.last)
+        self.tracker.log_metrics(metrics, step=step)
+        cms = getattr(record, "confusion_matrices", None) or {}
+        if cms:
+            self.tracker.log_dict({k: np.asarray(v).tolist() for k, v in cms.items()},
+                                  f"confusion/epoch_{step:03d}.json")
+        self.history.append({**metrics, "_step": step})
+        self.last = record
+        self.log_s += time.perf_counter() - t0
+
+    def _phase_end(self, record) -> None:
+        cms = getattr(record, "confusion_matrices", None) or {}
+        if cms:
+            self.tracker.log_figure(confusion_figure(cms, f"{record.phase}: epoch {record.epoch}"),
+                                    f"confusion/{_slug(record.phase)}_end.html")
+        if self.history:
+            self.tracker.log_figure(learning_curves_figure(self.history), "learning_curves.html")
+
+    def log_result(self, result) -> None:
+        """The run's final artifacts: best epoch confusion HTML, best/... metrics, predictions, checkpoint."""
+        best = getattr(result, "best", None)
+        if best is not None:
+            self.tracker.log_metrics({f"best/{k}": v for k, v in best.to_mlflow().items()}, step=int(best.step))
+            self.tracker.set_tags({"best_epoch": best.epoch, "best_phase": best.phase})
+            cms = getattr(best, "confusion_matrices", None) or {}
+            if cms:
+                self.tracker.log_figure(confusion_figure(cms, f"best epoch {best.epoch} ({best.phase})"),
+                                        "confusion/best.html")
+        for split, path in (getattr(result, "predictions", None) or {}).items():
+            self.tracker.log_artifact(path, "predictions")
+        checkpoint = getattr(result, "checkpoint", None)
+        if checkpoint:
+            self.tracker.log_artifact(checkpoint, "checkpoint")
+
+    def close(self) -> None:
+        t0 = time.perf_counter()
+        if self.last is not None:
+            self._phase_end(self.last)
+            self.last = None
+        self.tracker.flush(timeout=0.0)   # non-blocking: the run is ended (and fully flushed) by tracker.end
+        self.log_s += time.perf_counter() - t0
+
+
+def _slug(value: Any) -> str:
+    return "".join(c if c.isalnum() else "_" for c in str(value)).strip("_").lower() or "phase"
+
+
+# ---- CLI: replay a spill file -------------------------------------------------------------------------------
+def main(argv: Iterable[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.tracking",
+                                 description="Replay MLflow operations a run could not send.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser("replay", help="send a run folder's mlflow_spill.jsonl")
+    rp.add_argument("spill", type=Path)
+    rp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    if not args.spill.is_file():
+        print(f"StudyError: {located(args.spill, 'spill file not found', 'pass <run_dir>/' + SPILL_NAME)}",
+              file=sys.stderr)
+        return 2
+    n = replay_spill(args.spill, args.tracking_uri)
+    print(f"replayed {n} operations to {args.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

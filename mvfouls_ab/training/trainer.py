@@ -1,0 +1,726 @@
+"""The three-phase trainer. Reads top to bottom: Trainer.run() is the whole story.
+
+  for each phase of phase_plan(cfg):                    (phases are data: training/phases.py)
+      set up the phase: training pool (balanced subset / full / + pseudo-labels), capped class weights
+      (targeted in phase 3), curriculum difficulty from a scoring pass, a fresh AdamW + scheduler
+      for each epoch:
+          snapshot (the last stable state) -> train one epoch -> evaluate Valid -> DetailedMetrics
+          StabilityGuard: NaN / spike -> rollback + LR backoff (or fallback variant); OOM -> smaller batch
+          checkpoint (atomic), then the sinks (a sink may raise optuna.TrialPruned; it propagates)
+  select the best epoch on Valid, choose the post-hoc logit-adjustment tau on Valid,
+  predict Valid / Test (/ Chall), write the official prediction files and the official metrics.
+
+Two feature modes: "frozen" trains what sits above the backbone on cached per-view embeddings held as tensors in
+memory (vectorized batches, no DataLoader); "end_to_end" feeds clips through the backbone (backbone LR multiplier
+per phase). One seeded torch.Generator and one numpy Generator per run: same seed, same CPU metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import labels
+from ..config import TrainingConfig
+from ..errors import MVFoulsError, located
+from . import checkpoint as ckpt
+from .phases import PhaseSpec, phase_plan
+from .losses import multitask_loss
+from .stability import Event, StabilityGuard
+
+TASKS = ("action", "severity")
+EVAL_BATCH = 4096          # frozen mode: evaluation in a few big batches
+FEATURE_NOISE = 0.1        # frozen mode: gaussian noise std = FEATURE_NOISE * aug_strength * per-dim feature std
+VIEW_DROP = 0.25           # frozen mode: each extra view dropped with prob VIEW_DROP * aug_strength
+
+
+class _Diverged(Exception):
+    """Raised inside an epoch when the guard reports a NaN or exploding step loss."""
+
+    def __init__(self, events: list[Event]) -> None:
+        super().__init__(events[0].kind)
+        self.events = events
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+@dataclass
+class Source:
+    """One split as the trainer sees it: labels, and either cached features or clip datasets."""
+
+    name: str
+    action_ids: list[str]
+    targets: dict[str, np.ndarray]                  # task -> int64 [N], -1 unknown
+    feats: torch.Tensor | None = None               # frozen: [N, 4, D]
+    mask: torch.Tensor | None = None                # frozen: [N, 4]
+    train_ds: Any = None                            # end_to_end: k random views per action
+    eval_ds: Any = None                             # end_to_end: all views
+    annotations_path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.action_ids)
+
+
+@dataclass
+class RunResult:
+    best: Any                                       # DetailedMetrics of the selected epoch
+    history: list[Any]
+    checkpoint: Path
+    predictions: dict[str, Path]                    # split -> official prediction file
+    official: dict[str, dict[str, float]]           # split -> official metrics (5 keys, percent)
+    per_class_recall: dict[str, dict[str, list[float]]]  # split -> task -> recall per class
+    logits: dict[str, dict[str, np.ndarray]]        # split -> task -> final (adjusted) logits
+    taus: dict[str, float]
+    events: list[dict[str, Any]]
+    run_dir: Path
+    variant: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainingConfig, data: Any, sinks: list[Any] | None = None,
+                 run_dir: Path | str = "runs/run", resume: bool = True) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.sinks = list(sinks or [])
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resume = resume
+        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                                   else "cpu")
+        self.amp = cfg.amp and self.device.type == "cuda"
+        # Test-facing fault injection: called as step_hook(context, loss) -> loss for every training step.
+        self.step_hook: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None
+
+    # =====================================================================================================
+    def run(self) -> RunResult:
+        from ..monitoring import TrainingMonitor
+
+        cfg = self.cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(self.run_dir / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.np_rng = np.random.default_rng(cfg.seed)
+        self.guard = StabilityGuard(cfg)
+        self.monitor = TrainingMonitor(self.sinks)
+        self.plan = phase_plan(cfg)
+        if not self.plan:
+            raise MVFoulsError(located("config", "every phase has 0 epochs", "set phase1_epochs (and others) > 0"))
+
+        self.sources = self._load_sources()
+        train = self.sources["train"]
+        self.train_counts = {t: np.bincount(train.targets[t][train.targets[t] >= 0],
+                                            minlength=labels.NUM_CLASSES[t]) for t in TASKS}
+        if self.cfg.feature_mode == "frozen":
+            self.feat_std = train.feats[train.mask].std(dim=0).clamp_min(1e-6)
+
+        self.variant, self.complexity = cfg.variant, cfg.complexity_level
+        self.model = self._build_model(self.variant, self.complexity)
+        self.history: list[Any] = []
+        self.top: list[dict[str, Any]] = []      # best-so-far first: {score, epoch, path, variant, complexity}
+        self.global_epoch = 0
+        start_phase, start_epoch, state = 0, 0, None
+        last = self.ckpt_dir / ckpt.LAST
+        if self.resume and last.is_file():
+            state = ckpt.load(last)
+            if state["fingerprint"] != cfg.fingerprint():
+                raise MVFoulsError(located(last, "checkpoint was written by a different config",
+                                           "use another --out folder, or resume=False to start over"))
+            start_phase, start_epoch = self._restore(state)
+
+        try:
+            return self._train(start_phase, start_epoch, state)
+        finally:
+            self.monitor.close()
+
+    def _train(self, start_phase: int, start_epoch: int, state: dict[str, Any] | None) -> RunResult:
+        for pi in range(start_phase, len(self.plan)):
+            spec = self.plan[pi]
+            resuming_phase = state is not None and pi == start_phase and start_epoch > 0
+            if not resuming_phase:
+                self._setup_phase(spec)
+                self.optimizer, self.scheduler = self._make_optimizer(spec)
+                first = 0
+            else:
+                first = start_epoch
+            for e in range(first, spec.epochs):
+                self.global_epoch += 1
+                record = self._run_epoch(pi, spec, e)   # DetailedMetrics: epoch = e (in phase), step = global
+                self.history.append(record)
+                self._update_best(record)
+                self._save_checkpoint(pi, e + 1)
+                self.monitor.log(record)   # may raise optuna.TrialPruned: the checkpoint is already written
+        return self._finish()
+
+    # ---- one epoch, guarded -------------------------------------------------------------------------
+    def _run_epoch(self, pi: int, spec: PhaseSpec, e: int) -> Any:
+        guard = self.guard
+        guard.begin_epoch(self.global_epoch)
+        while True:
+            snapshot = (ckpt.cpu_state_dict(self.model), ckpt.cpu_state_dict(self.optimizer),
+                        self._sched_state())
+            t0 = time.perf_counter()
+            try:
+                train_loss, grad_norm, n_seen = self._train_epoch(spec, e)
+            except _Diverged as div:
+                self._recover(spec, e, div.events[0].kind, snapshot)
+                continue
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                guard.on_oom(exc)
+                self._restore_snapshot(snapshot)
+                continue
+            elapsed = time.perf_counter() - t0
+            val_logits, val_loss = self._predict(self.sources["valid"], with_loss=True)
+            recalls = self._recalls(val_logits, self.sources["valid"].targets)
+            events = guard.end_epoch(val_loss, train_loss, recalls)
+            if guard.needs_rollback(events):
+                self._recover(spec, e, events[0].kind, snapshot)
+                continue
+            for ev in events:
+                if ev.kind == "class_collapse" and self.cfg.collapse_response:
+                    self._boost_class(spec, ev)
+            record = self._record(spec, e, val_logits, train_loss, val_loss, grad_norm, n_seen, elapsed)
+            self.scheduler_step()
+            return record
+
+    def _recover(self, spec: PhaseSpec, e: int, reason: str, snapshot: tuple) -> None:
+        events = self.guard.recover(reason)
+        if any(ev.kind == "fallback_variant" for ev in events):
+            if self.guard.fallbacks > 1:
+                raise MVFoulsError(located(self.run_dir, f"training keeps diverging ({reason}) even after falling "
+                                           f"back to variant {self.variant!r}",
+                                           "lower the learning rates or the class-weight caps"))
+            self.variant = self.cfg.fallback_variant
+            self.model = self._build_model(self.variant, self.complexity)
+            self.optimizer, self.scheduler = self._make_optimizer(spec)
+            with warnings.catch_warnings():   # fast-forward the fresh schedule to this epoch (no optimizer step yet)
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(e):
+                    self.scheduler_step()
+            return
+        self._restore_snapshot(snapshot)
+        self._scale_lr(self.cfg.lr_backoff)
+
+    def _restore_snapshot(self, snapshot: tuple) -> None:
+        model_state, optim_state, sched_state = snapshot
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(sched_state)
+
+    def _scale_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            group["initial_lr"] = group.get("initial_lr", group["lr"] / factor) * factor
+        if self.scheduler is not None:
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+    def _boost_class(self, spec: PhaseSpec, ev: Event) -> None:
+        """Targeted response to a collapsed class: raise its weight to the phase cap."""
+        task, cls = ev.detail["task"], ev.detail["cls"]
+        weights = self.phase_state["weights"][task]
+        before = float(weights[cls])
+        weights[cls] = max(before, spec.cap)
+        self._build_losses(spec)
+        self.guard.record("collapse_response", task=task, cls=cls, weight_before=before, weight=float(weights[cls]))
+
+    # ---- training ------------------------------------------------------------------------------------
+    def _train_epoch(self, spec: PhaseSpec, e: int) -> tuple[float, float, int]:
+        cfg, guard, model = self.cfg, self.guard, self.model
+        order = self._epoch_order(spec, e)
+        pool = self.pool_source
+        bs, accum = guard.batch_size, guard.grad_accum
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, seen, norms = 0.0, 0, []
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        n_batches = math.ceil(len(order) / bs)
+        for i, (out_fn, y) in enumerate(self._train_batches(pool, order, bs, spec.aug_strength, e)):
+            with torch.autocast(self.device.type, enabled=self.amp):
+                out = out_fn()
+                loss, _ = multitask_loss(self.losses, {t: out[t].float() for t in TASKS}, y, cfg)
+            if self.step_hook is not None:
+                loss = self.step_hook({"phase": spec.number, "epoch": self.global_epoch, "step": guard.step,
+                                       "batch_size": bs, "variant": self.variant}, loss)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise _Diverged(guard.check_step(value))
+            (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+            n = len(y["action"])
+            total += value * n
+            seen += n
+            if (i + 1) % accum == 0 or i + 1 == n_batches:
+                if scaler:
+                    scaler.unscale_(self.optimizer)
+                norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+                norms.append(norm)
+                events = guard.check_step(value, norm)
+                if guard.needs_rollback(events):
+                    raise _Diverged(events)
+                if scaler:
+                    scaler.step(self.optimizer)
+                    scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                events = guard.check_step(value)
+                if guard.needs_rollback(events):
+                    raise _Diverged(events)
+        return total / max(seen, 1), float(np.mean(norms)) if norms else 0.0, seen
+
+    def _epoch_order(self, spec: PhaseSpec, e: int) -> np.ndarray:
+        """Indices into the pool source for this epoch: curriculum selection, then the phase's sampler."""
+        from .curriculum import curriculum_indices
+        from .rebalance import sample_weights
+
+        ps, y = self.phase_state, self.pool_source.targets
+        candidates = ps["pool"]
+        if ps.get("difficulty") is not None:
+            sel = curriculum_indices(ps["difficulty"], y["action"][candidates], y["severity"][candidates], e,
+                                     spec.epochs, self.cfg.curriculum_start, self.cfg.curriculum_pacing,
+                                     self.cfg.curriculum_full_at, self.np_rng)
+            candidates = candidates[np.asarray(sel, dtype=np.int64)]
+        progress = e / max(spec.epochs - 1, 1)
+        w = np.asarray(sample_weights(y["action"][candidates], y["severity"][candidates], spec.sampler,
+                                      progress=progress, oversample=self.cfg.oversample), dtype=np.float64)
+        if w.size == 0 or np.allclose(w, w[0]):
+            return self.np_rng.permutation(candidates)
+        return self.np_rng.choice(candidates, size=len(candidates), replace=True, p=w / w.sum())
+
+    def _train_batches(self, src: Source, order: np.ndarray, bs: int, aug: float, e: int):
+        """Yields (forward thunk, targets) per batch; the thunk runs the model so OOM surfaces in the loop."""
+        dev = self.device
+        if self.cfg.feature_mode == "frozen":
+            for s in range(0, len(order), bs):
+                idx = torch.from_numpy(order[s:s + bs])
+                x, m = self._augment_features(src.feats[idx], src.mask[idx], aug)
+                y = {t: torch.from_numpy(src.targets[t][order[s:s + bs]]).to(dev) for t in TASKS}
+                yield (lambda x=x.to(dev), m=m.to(dev): self.model.forward_features(x, m)), y
+            return
+        from torch.utils.data import DataLoader, Subset
+
+        src.train_ds.set_epoch(self.global_epoch)
+        loader = DataLoader(Subset(src.train_ds, order.tolist()), batch_size=bs, shuffle=False,
+                            num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory)
+        for s, batch in zip(range(0, len(order), bs), loader):
+            y = {t: torch.from_numpy(src.targets[t][order[s:s + bs]]).to(dev) for t in TASKS}
+            clips = self._augment_clips(batch["clips"].to(dev, non_blocking=True), aug)
+            mask = batch["view_mask"].to(dev)
+            yield (lambda c=clips, m=mask: self.model(c, m)), y
+
+    def _augment_features(self, x: torch.Tensor, m: torch.Tensor, aug: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """k random views per action, then view dropout and gaussian noise scaled by aug_strength."""
+        g = self.gen
+        r = torch.rand(m.shape, generator=g)
+        r[~m] = 2.0
+        rank = r.argsort(dim=1).argsort(dim=1)
+        keep = m & (rank < self.cfg.train_views)
+        if aug > 0:
+            drop = (torch.rand(m.shape, generator=g) < VIEW_DROP * aug) & (rank > 0)  # never the first kept view
+            keep = keep & ~drop
+            x = x + torch.randn(x.shape, generator=g) * (FEATURE_NOISE * aug) * self.feat_std
+        return x, keep
+
+    def _augment_clips(self, clips: torch.Tensor, aug: float) -> torch.Tensor:
+        """uint8 [B,V,C,T,H,W] -> normalized float; with aug > 0: flips, random crops (resized back), brightness."""
+        from ..models.backbones import normalize_clips
+
+        x = normalize_clips(clips)
+        if aug <= 0:
+            return x
+        b, v, c, t, h, w = x.shape
+        g = self.gen
+        flip = (torch.rand(b, generator=g) < 0.5 * min(aug, 1.0)).to(x.device)
+        x = torch.where(flip.view(b, 1, 1, 1, 1, 1), x.flip(-1), x)
+        scale = 1.0 - 0.2 * min(aug, 1.0) * float(torch.rand(1, generator=g))
+        ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+        if (ch, cw) != (h, w):
+            crop = x[..., top:top + ch, left:left + cw].reshape(b * v * c, t, ch, cw)
+            x = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False).reshape(b, v, c, t, h, w)
+        shift = (torch.rand(b, generator=g) * 2 - 1).to(x.device) * (0.4 * aug)
+        return x + shift.view(b, 1, 1, 1, 1, 1)
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _predict(self, src: Source, with_loss: bool = False, model: nn.Module | None = None
+                 ) -> tuple[dict[str, np.ndarray], float]:
+        """All views; logits per task as numpy, and the plain (unweighted) CE of both tasks on labelled samples."""
+        model = model or self.model
+        model.eval()
+        outs: dict[str, list[torch.Tensor]] = {t: [] for t in TASKS}
+        if self.cfg.feature_mode == "frozen":
+            for s in range(0, len(src), EVAL_BATCH):
+                o = model.forward_features(src.feats[s:s + EVAL_BATCH].to(self.device),
+                                           src.mask[s:s + EVAL_BATCH].to(self.device))
+                for t in TASKS:
+                    outs[t].append(o[t].float().cpu())
+        else:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(src.eval_ds, batch_size=max(1, self.guard.batch_size), shuffle=False,
+                                num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory)
+            for batch in loader:
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    o = model(self._augment_clips(batch["clips"].to(self.device), 0.0),
+                              batch["view_mask"].to(self.device))
+                for t in TASKS:
+                    outs[t].append(o[t].float().cpu())
+        logits = {t: torch.cat(outs[t]) for t in TASKS}
+        loss = float("nan")
+        if with_loss:
+            loss = 0.0
+            for t in TASKS:
+                y = torch.from_numpy(src.targets[t])
+                ok = y >= 0
+                loss += float(F.cross_entropy(logits[t][ok], y[ok])) if ok.any() else 0.0
+        return {t: logits[t].numpy() for t in TASKS}, loss
+
+    @staticmethod
+    def _recalls(logits: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict[str, list[float]]:
+        out = {}
+        for t in TASKS:
+            y, p = targets[t], logits[t].argmax(1)
+            out[t] = [float((p[y == c] == c).mean()) if (y == c).any() else float("nan")
+                      for c in range(labels.NUM_CLASSES[t])]
+        return out
+
+    def _record(self, spec: PhaseSpec, e: int, val_logits: dict[str, np.ndarray], train_loss: float, val_loss: float,
+                grad_norm: float, n_seen: int, elapsed: float) -> Any:
+        from ..metrics import compute_detailed_metrics
+
+        events = [ev.to_dict() for ev in self.guard.epoch_events(self.global_epoch)]
+        return compute_detailed_metrics(
+            e, spec.name, val_logits, self.sources["valid"].targets, train_loss, val_loss,
+            self.history, step=self.global_epoch - 1, phase_number=spec.number,
+            lr=float(self.optimizer.param_groups[0]["lr"]), grad_norm=grad_norm, epoch_time_s=elapsed,
+            samples_per_s=n_seen / max(elapsed, 1e-9), events=events,
+            extra={"batch_size": self.guard.batch_size, "grad_accum": self.guard.grad_accum,
+                   "lr_scale": self.guard.lr_scale, "train_samples": n_seen})
+
+    # ---- phase set-up --------------------------------------------------------------------------------
+    def _setup_phase(self, spec: PhaseSpec) -> None:
+        """Pool, class weights, curriculum difficulty (all saved in phase_state for resume)."""
+        from .curriculum import difficulty
+        from .rebalance import balanced_subset, class_weights, targeted_weights
+
+        cfg, train = self.cfg, self.sources["train"]
+        self.guard.new_phase()
+        if self.variant == "progressive" and cfg.progressive_grow and self.complexity != spec.number:
+            from ..models.variants import set_complexity
+
+            self.complexity = spec.number
+            set_complexity(self.model, self.complexity)
+        ps: dict[str, Any] = {"pseudo": None, "difficulty": None}
+        if spec.pseudo_labels and self.sources.get("chall") is not None:
+            ps["pseudo"] = self._pseudo_labels()
+        self._set_pool_source(ps["pseudo"])
+        y = self.pool_source.targets
+        labelled = np.flatnonzero(y["action"] >= 0)
+        if spec.subset == "balanced":
+            pool = labelled[np.asarray(balanced_subset(y["action"][labelled], y["severity"][labelled], self.np_rng),
+                                       dtype=np.int64)]
+        else:
+            pool = labelled
+        ps["pool"] = pool
+        counts = {t: np.bincount(y[t][pool], minlength=labels.NUM_CLASSES[t]) for t in TASKS}
+        ps["counts"] = counts
+        if spec.targeted and self.history:
+            recalls = {t: np.nan_to_num(np.asarray(getattr(self.history[-1], f"{t}_per_class_recall"), float),
+                                        nan=1.0) for t in TASKS}
+            ps["weights"] = {t: np.asarray(targeted_weights(counts[t], recalls[t], spec.cap), float) for t in TASKS}
+        else:
+            ps["weights"] = {t: np.asarray(class_weights(counts[t], spec.cap), float) for t in TASKS}
+        if spec.curriculum:
+            logits, _ = self._predict(self._subset_source(self.pool_source, pool))
+            ps["difficulty"] = np.asarray(difficulty(logits, {t: y[t][pool] for t in TASKS},
+                                                     score=cfg.curriculum_score))
+        self.phase_state = ps
+        self._build_losses(spec)
+
+    def _build_losses(self, spec: PhaseSpec) -> None:
+        from .losses import build_loss
+
+        ps = self.phase_state
+        self.losses = {t: build_loss(self.cfg, t, ps["counts"][t],
+                                     torch.as_tensor(ps["weights"][t], dtype=torch.float32, device=self.device),
+                                     spec.number)
+                       for t in TASKS}
+
+    def _pseudo_labels(self) -> dict[str, np.ndarray]:
+        """Chall actions the current model labels with confidence >= pseudo_threshold on both tasks."""
+        logits, _ = self._predict(self.sources["chall"])
+        probs = {t: torch.softmax(torch.from_numpy(logits[t]), 1) for t in TASKS}
+        conf = torch.minimum(probs["action"].max(1).values, probs["severity"].max(1).values).numpy()
+        keep = np.flatnonzero(conf >= self.cfg.pseudo_threshold)
+        return {"index": keep, **{t: probs[t].argmax(1).numpy()[keep].astype(np.int64) for t in TASKS}}
+
+    def _set_pool_source(self, pseudo: dict[str, np.ndarray] | None) -> None:
+        """The training pool: Train, plus pseudo-labelled Chall actions when configured."""
+        train = self.sources["train"]
+        if pseudo is None or len(pseudo["index"]) == 0:
+            self.pool_source = train
+            return
+        chall, idx = self.sources["chall"], pseudo["index"]
+        targets = {t: np.concatenate([train.targets[t], pseudo[t]]) for t in TASKS}
+        ids = train.action_ids + [chall.action_ids[i] for i in idx]
+        if self.cfg.feature_mode == "frozen":
+            t_idx = torch.from_numpy(idx)
+            self.pool_source = Source("train+pseudo", ids, targets, torch.cat([train.feats, chall.feats[t_idx]]),
+                                      torch.cat([train.mask, chall.mask[t_idx]]))
+        else:
+            from torch.utils.data import ConcatDataset, Subset
+
+            class _Both(ConcatDataset):
+                def set_epoch(self, epoch: int) -> None:
+                    train.train_ds.set_epoch(epoch)
+                    chall.train_ds.set_epoch(epoch)
+
+            both = _Both([train.train_ds, Subset(chall.train_ds, idx.tolist())])
+            self.pool_source = Source("train+pseudo", ids, targets, train_ds=both)
+
+    @staticmethod
+    def _subset_source(src: Source, idx: np.ndarray) -> Source:
+        from torch.utils.data import Subset
+
+        t_idx = torch.from_numpy(idx)
+        return Source(src.name, [src.action_ids[i] for i in idx], {t: src.targets[t][idx] for t in TASKS},
+                      None if src.feats is None else src.feats[t_idx], None if src.mask is None else src.mask[t_idx],
+                      eval_ds=None if src.train_ds is None else Subset(src.eval_ds or src.train_ds, idx.tolist()))
+
+    # ---- model and optimizer -------------------------------------------------------------------------
+    def _build_model(self, variant: str, complexity: int) -> nn.Module:
+        from ..models.variants import build_model, set_complexity
+
+        model = build_model(self.cfg.replace(variant=variant, complexity_level=complexity))
+        if variant == "progressive":
+            set_complexity(model, complexity)
+        if self.cfg.feature_mode == "frozen":
+            for p in model.backbone.parameters():
+                p.requires_grad_(False)
+        return model.to(self.device)
+
+    def _make_optimizer(self, spec: PhaseSpec) -> tuple[torch.optim.Optimizer, Any]:
+        cfg = self.cfg
+        scale = self.guard.lr_scale
+        backbone = {id(p) for p in self.model.backbone.parameters()}
+        head = [p for p in self.model.parameters() if id(p) not in backbone and p.requires_grad]
+        groups = [{"params": head, "lr": spec.lr * scale}]
+        if cfg.feature_mode == "end_to_end" and spec.backbone_lr_mult > 0:
+            groups.append({"params": list(self.model.backbone.parameters()),
+                           "lr": spec.lr * spec.backbone_lr_mult * scale})
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        if cfg.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(spec.epochs, 1))
+        elif cfg.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.step_gamma)
+        else:
+            scheduler = None
+        return optimizer, scheduler
+
+    def scheduler_step(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _sched_state(self) -> dict[str, Any] | None:
+        return None if self.scheduler is None else self.scheduler.state_dict()
+
+    # ---- best-so-far, checkpoints, resume ------------------------------------------------------------
+    @staticmethod
+    def _score(record: Any) -> tuple[float, float]:
+        """Model selection on Valid: best leaderboard, ties broken by lower val loss."""
+        return (float(record.leaderboard), -float(record.val_loss))
+
+    def _update_best(self, record: Any) -> None:
+        k = max(1, self.cfg.ensemble_top_k)
+        score = self._score(record)
+        if len(self.top) >= k and score <= tuple(self.top[-1]["score"]):
+            return
+        path = self.ckpt_dir / f"model_epoch{self.global_epoch:03d}.pt"
+        ckpt.save_atomic({"model": ckpt.cpu_state_dict(self.model), "variant": self.variant,
+                          "complexity": self.complexity, "epoch": self.global_epoch}, path)
+        self.top.append({"score": list(score), "epoch": self.global_epoch, "path": str(path)})
+        self.top.sort(key=lambda d: tuple(d["score"]), reverse=True)
+        self.top = self.top[:k]   # files that fell out are deleted after the next checkpoint (_prune_models)
+
+    def _save_checkpoint(self, pi: int, epochs_done: int) -> None:
+        state = {
+            "fingerprint": self.cfg.fingerprint(), "phase_index": pi, "epochs_done": epochs_done,
+            "global_epoch": self.global_epoch, "variant": self.variant, "complexity": self.complexity,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self._sched_state(), "guard": self.guard.state_dict(), "phase_state": self.phase_state,
+            "rng": ckpt.rng_state(self.gen, self.np_rng), "history": self.history, "top": self.top,
+        }
+        ckpt.save_atomic(state, self.ckpt_dir / ckpt.LAST)
+        self._write_jsonl("metrics.jsonl", [self._record_dict(r) for r in self.history])
+        self._write_jsonl("events.jsonl", [e.to_dict() for e in self.guard.events])
+        keep = {Path(e["path"]).name for e in self.top}
+        for path in self.ckpt_dir.glob("model_epoch*.pt"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
+        """Load a checkpoint; returns (phase index, epochs already done in it) to continue from."""
+        self.variant, self.complexity = state["variant"], state["complexity"]
+        self.model = self._build_model(self.variant, self.complexity)
+        self.model.load_state_dict(state["model"])
+        self.guard.load_state_dict(state["guard"])
+        self.history, self.top, self.global_epoch = state["history"], state["top"], state["global_epoch"]
+        pi, done = state["phase_index"], state["epochs_done"]
+        spec = self.plan[pi]
+        self.phase_state = state["phase_state"]
+        self._set_pool_source(self.phase_state["pseudo"])
+        self._build_losses(spec)
+        self.optimizer, self.scheduler = self._make_optimizer(spec)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"], self.gen, self.np_rng)
+        if done >= spec.epochs:
+            return pi + 1, 0
+        return pi, done
+
+    def _write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        path = self.run_dir / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+        tmp.replace(path)
+
+    @staticmethod
+    def _record_dict(record: Any) -> dict[str, Any]:
+        if hasattr(record, "to_dict"):
+            return record.to_dict()
+        from dataclasses import asdict
+
+        return asdict(record)
+
+    # ---- final predictions ---------------------------------------------------------------------------
+    def _finish(self) -> RunResult:
+        from ..evaluate import detailed_report, write_predictions
+        from .losses import choose_tau, posthoc_adjust
+
+        cfg = self.cfg
+        splits = {"valid": self.sources["valid"], "test": self.sources["test"]}
+        if self.sources.get("chall") is not None:
+            splits["chall"] = self.sources["chall"]
+        models = []
+        for entry in self.top:
+            saved = ckpt.load(Path(entry["path"]))
+            m = self._build_model(saved["variant"], saved["complexity"])
+            m.load_state_dict(saved["model"])
+            models.append(m)
+        raw: dict[str, dict[str, np.ndarray]] = {}
+        for name, src in splits.items():
+            per_model = [self._predict(src, model=m)[0] for m in models]
+            raw[name] = {t: np.mean([p[t] for p in per_model], axis=0) for t in TASKS}
+        # Class prior of Train, Laplace-smoothed so a class absent from Train gets a finite adjustment.
+        prior = {t: (self.train_counts[t] + 1.0) / (self.train_counts[t].sum() + len(self.train_counts[t]))
+                 for t in TASKS}
+        taus = {t: 0.0 for t in TASKS}
+        if cfg.posthoc_adjust:
+            grid = np.arange(0.0, cfg.posthoc_tau_max + 1e-9, 0.25)
+            for t in TASKS:
+                taus[t] = float(choose_tau(raw["valid"][t], splits["valid"].targets[t], prior[t], grid))
+        final = {name: {t: _numpy(posthoc_adjust(lg[t], prior[t], taus[t])) for t in TASKS}
+                 for name, lg in raw.items()}
+        predictions, official, per_class = {}, {}, {}
+        for name, src in splits.items():
+            path = self.run_dir / f"predictions_{name}.json"
+            write_predictions(path, src.action_ids, final[name]["action"].argmax(1), final[name]["severity"].argmax(1))
+            predictions[name] = path
+            if src.annotations_path is not None:   # scored from the file, as the official evaluator does
+                report = detailed_report(src.annotations_path, path)
+                official[name] = report["metrics"]
+                per_class[name] = {t: report["tasks"][t]["recall"] for t in TASKS}
+        summary = {"best_epoch": self.top[0]["epoch"], "ensemble": [e["epoch"] for e in self.top], "taus": taus,
+                   "variant": self.variant, "official": official, "per_class_recall": per_class}
+        (self.run_dir / "official_metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        best = next(r for r in self.history if r.step + 1 == self.top[0]["epoch"])
+        return RunResult(best=best, history=self.history, checkpoint=Path(self.top[0]["path"]),
+                         predictions=predictions, official=official, per_class_recall=per_class, logits=final,
+                         taus=taus, events=[e.to_dict() for e in self.guard.events], run_dir=self.run_dir,
+                         variant=self.variant)
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def _load_sources(self) -> dict[str, Source | None]:
+        data = self.data
+        splits = {"train": data.train, "valid": data.valid, "test": data.test, "chall": getattr(data, "chall", None)}
+        out: dict[str, Source | None] = {}
+        for name, split in splits.items():
+            if split is None or len(split) == 0:
+                out[name] = None
+                continue
+            src = Source(name, [a.action_id for a in split.actions], split.targets(),
+                         annotations_path=split.annotations_path)
+            if self.cfg.feature_mode == "frozen":
+                fs = self._features(split)
+                src.feats = torch.as_tensor(np.asarray(fs.feats), dtype=torch.float32)
+                src.mask = torch.as_tensor(np.asarray(fs.view_mask), dtype=torch.bool)
+            else:
+                src.train_ds, src.eval_ds = self._datasets(split)
+            out[name] = src
+        for name in ("train", "valid", "test"):
+            if out[name] is None:
+                raise MVFoulsError(located(getattr(data, "root", "data"), f"the {name} split is empty",
+                                           "check the data folder (Train/, Valid/, Test/ with annotations.json)"))
+        return out
+
+    def _cache_root(self) -> Path:
+        return Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else Path.home() / ".cache" / "mvfouls_ab"
+
+    def _clip_cache(self) -> Any:
+        cache = getattr(self.data, "cache", None)
+        if cache is None:
+            from ..data.dataset import ClipCache
+
+            cache = ClipCache(self._cache_root() / "clips")
+            self.data.cache = cache
+        return cache
+
+    def _features(self, split: Any) -> Any:
+        from ..models.features import load_features
+
+        return load_features(self.cfg, split, self._clip_cache())
+
+    def _datasets(self, split: Any) -> tuple[Any, Any]:
+        from ..data.dataset import MultiViewDataset
+        from ..data.video import ClipWindow
+
+        window, cache = ClipWindow.from_config(self.cfg), self._clip_cache()
+        return (MultiViewDataset(split, window, cache, views=self.cfg.train_views, seed=self.cfg.seed),
+                MultiViewDataset(split, window, cache, views=None, seed=self.cfg.seed))
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)

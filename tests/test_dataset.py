@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from mvfouls_ab.config import TrainingConfig
+from mvfouls_ab.data import dataset as dataset_module
+from mvfouls_ab.data.annotations import load_split
+from mvfouls_ab.data.dataset import ClipCache, EpochShuffle, MultiViewDataset, load_data, make_loader
+from mvfouls_ab.data.video import ClipWindow, decode_clip, write_clip
+from mvfouls_ab.errors import AnnotationError, VideoError
+
+WINDOW = ClipWindow(start=63, end=87, num_frames=8, size=32)
+
+
+def cache_files(cache: ClipCache) -> list:
+    return sorted(cache.root.rglob("*")) if cache.root.exists() else []
+
+
+def forbid_decoding(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the decoder was called on a cached clip")
+    monkeypatch.setattr(dataset_module, "decode_frames", fail)
+
+
+def test_cache_decodes_once_then_memory_maps(tiny_mvfouls, tmp_path, monkeypatch):
+    clip = load_split(tiny_mvfouls, "Train").actions[0].clips[0]
+    cache = ClipCache(tmp_path / "cache")
+    first = cache.get(clip, WINDOW)
+    assert (cache.hits, cache.misses) == (0, 1)
+    np.testing.assert_array_equal(first, decode_clip(clip.path, WINDOW))
+    forbid_decoding(monkeypatch)
+    again = cache.get(clip, WINDOW)
+    assert isinstance(again, np.memmap) and not again.flags.writeable
+    assert again.dtype == np.uint8 and again.shape == (3, 8, 32, 32)
+    assert (cache.hits, cache.misses) == (1, 1)
+    np.testing.assert_array_equal(again, first)
+    files = [p for p in cache_files(cache) if p.is_file()]
+    assert len(files) == 1 and files[0].suffix == ".npy"  # no temporary files left behind
+
+
+def test_cache_key_follows_file_window_and_size(tiny_mvfouls, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvfouls / "Train" / "action_0", root)
+    clip_path = root / "clip_0.mp4"
+    cache = ClipCache(tmp_path / "cache")
+    original = np.array(cache.get(clip_path, WINDOW))
+    assert not np.array_equal(np.array(cache.get(clip_path, ClipWindow(start=0, end=20, num_frames=8, size=32))),
+                              original)
+    assert cache.get(clip_path, ClipWindow(start=63, end=87, num_frames=8, size=16)).shape == (3, 8, 16, 16)
+    assert cache.misses == 3
+    # Replace the video (new content, new size and mtime): decoded again, never served stale.
+    frames = np.full((100, 36, 64, 3), 250, np.uint8)
+    write_clip(clip_path, frames)
+    os.utime(clip_path, ns=(1, 1))
+    replaced = cache.get(clip_path, WINDOW)
+    assert cache.misses == 4 and replaced.min() > 200
+
+
+def test_corrupt_cache_entry_is_decoded_again(tiny_mvfouls, tmp_path):
+    clip = load_split(tiny_mvfouls, "Train").actions[0].clips[0]
+    cache = ClipCache(tmp_path / "cache")
+    good = np.array(cache.get(clip, WINDOW))
+    cache.file_for(clip, WINDOW).write_bytes(b"not a numpy file")
+    np.testing.assert_array_equal(cache.get(clip, WINDOW), good)
+    assert cache.misses == 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_warm_decodes_every_missing_clip_once(tiny_mvfouls, tmp_path, monkeypatch, workers):
+    split = load_split(tiny_mvfouls, "Valid")
+    cache = ClipCache(tmp_path / "cache")
+    n_clips = sum(len(a.clips) for a in split.actions)
+    cache.get(split.actions[0].clips[0], WINDOW)
+    assert cache.warm(split.actions, WINDOW, workers=workers, progress=False) == n_clips - 1
+    assert cache.missing(split.actions, WINDOW) == []
+    assert cache.warm(split.actions, WINDOW, workers=workers, progress=False) == 0
+    forbid_decoding(monkeypatch)
+    for action in split.actions:
+        for clip in action.clips:
+            np.testing.assert_array_equal(cache.get(clip, WINDOW), decode_clip(clip.path, WINDOW))
+
+
+def test_warm_names_the_bad_clip(tiny_mvfouls, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvfouls, root)
+    split = load_split(root, "Test")
+    bad = split.actions[2].clips[1].path
+    bad.write_bytes(b"")
+    with pytest.raises(VideoError, match="empty") as exc:
+        ClipCache(tmp_path / "cache").warm(split.actions, WINDOW, workers=2, progress=False)
+    assert str(bad) in str(exc.value) and f"action {split.actions[2].action_id}" in str(exc.value)
+
+
+def test_training_items_sample_k_views_deterministically(tiny_mvfouls, tmp_path):
+    split = load_split(tiny_mvfouls, "Train")
+    cache = ClipCache(tmp_path / "cache")
+    data = MultiViewDataset(split, WINDOW, cache, views=2, seed=3)
+    item = data[2]  # action 2 has 4 views
+    assert item["clips"].dtype == torch.uint8 and item["clips"].shape == (2, 3, 8, 32, 32)
+    assert item["view_mask"].tolist() == [True, True]
+    assert item["action"].dtype == torch.int64 and int(item["action"]) == split.actions[2].action
+    assert int(item["severity"]) == split.actions[2].severity and item["index"] == 2
+    views = data.view_indices(2)
+    for slot, view in enumerate(views):
+        np.testing.assert_array_equal(item["clips"][slot].numpy(), cache.get(split.actions[2].clips[view], WINDOW))
+    # Same (seed, epoch, index) -> same views, in a fresh dataset too; epochs change them.
+    assert MultiViewDataset(split, WINDOW, cache, views=2, seed=3).view_indices(2) == views
+    seen = set()
+    for epoch in range(12):
+        data.set_epoch(epoch)
+        seen.add(tuple(data.view_indices(2)))
+    assert data.epoch == 11 and len(seen) > 2 and all(len(set(v)) == 2 for v in seen)
+    # More views asked than the action has: all of them, padded and masked.
+    three = MultiViewDataset(split, WINDOW, cache, views=3)
+    assert three[0]["view_mask"].tolist() == [True, True, False] and three[0]["clips"][2].sum() == 0
+
+
+def test_evaluation_items_hold_all_views_with_a_mask(tiny_mvfouls, tmp_path):
+    for name in ("Test", "Chall"):
+        split = load_split(tiny_mvfouls, name)
+        data = MultiViewDataset(split, WINDOW, ClipCache(tmp_path / "cache"), views=None)
+        for index in range(3):
+            item = data[index]
+            n = len(split.actions[index].clips)
+            assert item["clips"].shape == (4, 3, 8, 32, 32)
+            assert item["view_mask"].tolist() == [True] * n + [False] * (4 - n)
+            assert item["clips"][n:].sum() == 0 and item["clips"][:n].float().mean() > 0
+        if name == "Chall":
+            assert int(item["action"]) == -1 and int(item["severity"]) == -1
+
+
+def test_loader_batches_are_the_same_with_workers_and_follow_set_epoch(tiny_mvfouls, tmp_path):
+    split = load_split(tiny_mvfouls, "Train")
+    cache = ClipCache(tmp_path / "cache")
+    cache.warm(split.actions, WINDOW, progress=False)
+
+    def batches(workers: int) -> list[dict]:
+        cfg = TrainingConfig(batch_size=3, num_workers=workers, seed=1, pin_memory=True)
+        data = MultiViewDataset(split, WINDOW, cache, views=2, seed=5)
+        loader = make_loader(data, cfg, shuffle=True)
+        epochs = []
+        for epoch in range(2):
+            data.set_epoch(epoch)
+            epochs.append(list(loader))
+        return epochs
+
+    serial, parallel = batches(0), batches(2)
+    for epoch_a, epoch_b in zip(serial, parallel, strict=True):
+        assert [len(b["index"]) for b in epoch_a] == [3, 3, 2]
+        for a, b in zip(epoch_a, epoch_b, strict=True):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["clips"], b["clips"])
+            assert a["clips"].shape[1:] == (2, 3, 8, 32, 32) and a["view_mask"].all()
+    # Epoch 1 used other views than epoch 0 for some action (3 or 4 views) in the worker processes too.
+    def by_index(epoch):
+        return {int(i): c for b in epoch for i, c in zip(b["index"], b["clips"], strict=True)}
+    e0, e1 = by_index(parallel[0]), by_index(parallel[1])
+    assert any(not torch.equal(e0[i], e1[i]) for i in e0)
+
+
+def test_epoch_shuffle_depends_only_on_seed_and_epoch(tiny_mvfouls, tmp_path):
+    data = MultiViewDataset(load_split(tiny_mvfouls, "Train"), WINDOW, ClipCache(tmp_path), views=2)
+    shuffle = EpochShuffle(data, seed=7)
+    orders = []
+    for epoch in (0, 1, 0):
+        data.set_epoch(epoch)
+        orders.append(list(shuffle))
+    assert sorted(orders[0]) == list(range(8)) and orders[0] == orders[2] and orders[0] != orders[1]
+    assert list(EpochShuffle(data, seed=8)) != orders[0]
+
+
+def test_load_data_reads_every_split(tiny_mvfouls, tmp_path):
+    cfg = TrainingConfig(data_root=str(tiny_mvfouls), cache_dir=str(tmp_path / "cache"), frame_size=24,
+                         num_frames=4)
+    bundle = load_data(cfg)
+    assert [len(s) for s in bundle.splits().values()] == [8, 8, 8, 8]
+    assert bundle.chall is not None and not bundle.chall.labelled and bundle.root == tiny_mvfouls
+    assert bundle.window == ClipWindow(63, 87, 17, 4, 24)
+    assert bundle.dataset("Valid", views=None)[0]["clips"].shape == (4, 3, 4, 24, 24)
+    n_clips = sum(len(a.clips) for s in bundle.splits().values() for a in s.actions)
+    assert bundle.warm(progress=False) == n_clips - 2 and bundle.warm(progress=False) == 0
+    assert "Train: kept 8 of 11" in bundle.summary()
+
+
+def test_load_data_defaults_to_the_synthetic_data_set(tiny_mvfouls, tmp_path, monkeypatch):
+    calls = []
+
+    def default_data_root(cache_dir=None):
+        calls.append(cache_dir)
+        return tiny_mvfouls
+
+    fake = types.ModuleType("mvfouls_ab.data.synthetic")
+    fake.default_data_root = default_data_root
+    monkeypatch.setitem(sys.modules, "mvfouls_ab.data.synthetic", fake)
+    bundle = load_data(TrainingConfig(data_root="", cache_dir=str(tmp_path / "c")))
+    assert calls == [tmp_path / "c"] and bundle.root == tiny_mvfouls
+
+
+def test_bad_split_fails_before_anything_is_cached(tiny_mvfouls, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvfouls, root)
+    path = root / "Test" / "annotations.json"
+    doc = json.loads(path.read_text())
+    doc["Actions"]["1"]["Severity"] = "6.0"
+    path.write_text(json.dumps(doc))
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(AnnotationError, match="unknown Severity") as exc:
+        load_data(TrainingConfig(data_root=str(root), cache_dir=str(cache_dir)))
+    assert str(path) in str(exc.value) and "action 1:" in str(exc.value)
+    assert not cache_dir.exists()

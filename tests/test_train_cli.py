@@ -1,0 +1,73 @@
+"""python -m mvfouls_ab.train: a real subprocess run on the tiny data set, and one-line errors with exit code 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvfouls_ab.config import load_config
+from mvfouls_ab.evaluate import official_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("current", "progressive", "recommended", "plain_ce")
+
+
+def train(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MVFOULS_AB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mvfouls_ab.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_files_are_valid_configs(name):
+    cfg = load_config(REPO / "experiments" / f"{name}.yaml")
+    assert cfg.data_root == ""
+
+
+def test_current_recipe_is_todays_recipe():
+    cfg = load_config(REPO / "experiments" / "current.yaml")
+    assert (cfg.variant, cfg.num_phases, cfg.loss, cfg.scheduler) == ("baseline", 1, "focal", "step")
+    assert cfg.max_weight_phase1 == 10.0 and cfg.backbone_lr_mult_phase1 == 0.1
+    assert "severity:3=8" in cfg.oversample and cfg.focal_gamma >= 5
+
+
+def test_cli_trains_and_writes_the_run_folder(tiny_mvfouls: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    proc = train("--data", str(tiny_mvfouls), "--config", str(REPO / "experiments" / "recommended.yaml"),
+                 "--set", "phase1_epochs=1", "--set", "phase2_epochs=1", "--set", "phase3_epochs=1",
+                 "--set", "frame_size=32", "--set", "num_frames=8", "--set", "batch_size=4",
+                 "--out", str(out), "--profile", "cpu", "--quiet", cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(epoch_lines) == 3 and "LB" in epoch_lines[0]
+    assert "test: official leaderboard" in proc.stdout
+    for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "predictions_valid.json", "predictions_test.json",
+                 "official_metrics.json", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    saved = json.loads((out / "official_metrics.json").read_text())
+    gt = tiny_mvfouls / "Test" / "annotations.json"
+    assert saved["official"]["test"] == official_metrics(gt, out / "predictions_test.json")
+    # the same command again resumes the finished run instead of training anew
+    again = train("--data", str(tiny_mvfouls), "--config", str(REPO / "experiments" / "recommended.yaml"),
+                  "--set", "phase1_epochs=1", "--set", "phase2_epochs=1", "--set", "phase3_epochs=1",
+                  "--set", "frame_size=32", "--set", "num_frames=8", "--set", "batch_size=4",
+                  "--out", str(out), "--profile", "cpu", "--quiet", cwd=tmp_path, cache=tmp_path / "cache")
+    assert again.returncode == 0 and not [x for x in again.stdout.splitlines() if x.startswith("[")]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--set", "no_such_key=1"), "unknown TrainingConfig key 'no_such_key'"),
+    (("--set", "variant=huge"), "variant='huge' is not one of"),
+    (("--config", "missing.yaml"), "missing.yaml: config file not found"),
+    (("--data", "no/such/folder"), "no/such/folder"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path: Path, args, needle):
+    proc = train(*args, cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
