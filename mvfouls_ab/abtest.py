@@ -301,6 +301,9 @@ def open_storage(url: str):
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    # heartbeats are "experimental" in Optuna's sense since 2.9; say it once in the docs, not on every call
+    warnings.filterwarnings("ignore", message=".*(heartbeat|fail_stale_trials).*",
+                            category=optuna.exceptions.ExperimentalWarning)
     try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean the same to the user
@@ -392,10 +395,10 @@ class CellStore:
         return _Heartbeat(self.storage, trial_id)
 
     def complete(self, trial_id: int, value: float, attrs: dict[str, Any]) -> None:
+        """Store the cell's results as one user attribute ("result", one write) and mark the trial COMPLETE."""
         from optuna.trial import TrialState
 
-        for k, v in attrs.items():
-            self.storage.set_trial_user_attr(trial_id, k, v)
+        self.storage.set_trial_user_attr(trial_id, "result", attrs)
         self.storage.set_trial_state_values(trial_id, state=TrialState.COMPLETE, values=[float(value)])
 
     def fail(self, trial_id: int, error: str) -> None:
@@ -404,13 +407,14 @@ class CellStore:
         self.storage.set_trial_user_attr(trial_id, "error", error[:4000])
         self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
-    def finished(self) -> dict[str, Any]:
-        """cell key -> the COMPLETE trial (the first one, should a duplicate ever finish too)."""
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """cell key -> {arm, seed, fold, ..., the stored result} of its COMPLETE trial (the first, were there two)."""
         from optuna.trial import TrialState
 
-        out: dict[str, Any] = {}
+        out: dict[str, dict[str, Any]] = {}
         for t in sorted(self._trials((TrialState.COMPLETE,)), key=lambda t: t.number):
-            out.setdefault(t.user_attrs["cell"], t)
+            attrs = dict(t.user_attrs)
+            out.setdefault(attrs["cell"], {**attrs.pop("result", {}), **attrs, "trial": t.number})
         return out
 
     def counts(self) -> dict[str, int]:
@@ -583,13 +587,12 @@ def run_worker(experiment: Experiment, storage_url: str = DEFAULT_STORAGE, track
 
 
 # ---- results and verdicts -----------------------------------------------------------------------------------
-def results_table(experiment: Experiment, finished: dict[str, Any]):
+def results_table(experiment: Experiment, finished: dict[str, dict[str, Any]]):
     """pandas DataFrame: one row per finished cell (arm, seed, fold, value of every verdict metric)."""
     import pandas as pd
 
     rows = []
-    for key, trial in finished.items():
-        a = trial.user_attrs
+    for key, a in finished.items():
         row = {"arm": a["arm"], "seed": a["seed"], "fold": a["fold"], "cell": key}
         row.update({m: a["metrics"].get(m, math.nan) for m in verdict_metrics()})
         test = (a.get("official") or {}).get("test") or {}

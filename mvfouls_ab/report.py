@@ -130,7 +130,7 @@ def confusion_figure(matrices: Mapping[str, Mapping[str, np.ndarray]], title: st
     from plotly.subplots import make_subplots
 
     names = list(matrices)
-    fig = make_subplots(rows=2, cols=max(1, len(names)), vertical_spacing=0.12, horizontal_spacing=0.06,
+    fig = make_subplots(rows=2, cols=max(1, len(names)), vertical_spacing=0.14, horizontal_spacing=0.14,
                         subplot_titles=[f"{n}: {t}" for t in TASKS for n in names])
     for col, name in enumerate(names, start=1):
         for row, task in enumerate(TASKS, start=1):
@@ -242,8 +242,8 @@ def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], 
     summary = abtest.arm_summary(exp, table)
     arms = [a.name for a in exp.arms]
     by_arm: dict[str, list[Mapping[str, Any]]] = {a: [] for a in arms}
-    for trial in finished.values():
-        by_arm[trial.user_attrs["arm"]].append(trial.user_attrs)
+    for cell in finished.values():
+        by_arm[cell["arm"]].append(cell)
 
     values = {a: _group_values([c["metrics"] for c in by_arm[a]], [c["best"] for c in by_arm[a]]) for a in arms}
     leaderboard = _target_table(values, "arm")
@@ -274,6 +274,11 @@ def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], 
     headline = "".join(f"<li><b>{html.escape(r.arm)}</b> vs {html.escape(r.control)}: {html.escape(r.verdict)} on "
                        f"the leaderboard value ({r['diff']:+.3f}, 95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
                        f"Holm p {r.p_holm:.3f}, MDE {r.mde:.3f})</li>" for _, r in primary.iterrows())
+    if not frame.empty and not np.isfinite(frame.mde).any():
+        n = int(frame.n.max())
+        headline += (f"<li><b>Too few pairs for any verdict:</b> with n = {n} (seed, fold) pairs the exact Wilcoxon "
+                     f"test cannot reach p &lt; 0.05 (smallest p = {stats.min_wilcoxon_p(n):.3f}); run at least 6 "
+                     f"pairs (e.g. --seeds 3 --folds 2) for a verdict.</li>")
     sections = [
         ("Verdicts", f"<ul>{headline}</ul>" + html_table(shown, verdict_css),
          [forest_figure(frame, "B - A per metric (95% CI; grey ticks: +-MDE)")] if not frame.empty else []),

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .config import PROFILES, TrainingConfig, load_config
-from .errors import MVFoulsError
+from .errors import MVFoulsError, located
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,19 +47,19 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        cfg = build_config(args)   # config and path errors first, before the heavy imports
+        if args.data is not None and not Path(args.data).is_dir():
+            raise MVFoulsError(located(args.data, "data folder not found", "pass the folder that holds Train/ "
+                                       "Valid/ Test/, or leave --data out to use the synthetic data set"))
         from .data.dataset import load_data
         from .monitoring import ConsoleSink
         from .training.phases import phase_plan
         from .training.trainer import Trainer
 
-        cfg = build_config(args)
         name = Path(args.config).stem if args.config else "default"
         out = Path(args.out) if args.out else Path("runs") / f"{name}-seed{cfg.seed}"
         if args.fresh and out.exists():
             shutil.rmtree(out)
-        if args.data is not None and not Path(args.data).is_dir():
-            raise MVFoulsError(f"{args.data}: data folder not found. Fix: pass the folder that holds Train/ Valid/ "
-                               "Test/, or leave --data out to use the synthetic data set")
         data = load_data(cfg)
         plan = phase_plan(cfg)
         sink = ConsoleSink(total_epochs=sum(p.epochs for p in plan), file=sys.stdout, progress=not args.quiet,

@@ -1,0 +1,119 @@
+"""The HTML report: built from cells stored in a real Optuna storage, opened in headless Chromium offline."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mvfouls_ab import abtest, report, stats
+from mvfouls_ab.config import TrainingConfig
+from mvfouls_ab.labels import CLASS_SLUGS, TASKS
+
+
+def _fake_cell_attrs(rng: np.random.Generator, level: float, cell_effect: float) -> dict:
+    """What abtest.cell_attrs stores for a finished cell, with recalls around `level` (+ a shared cell effect)."""
+    best = {"epoch": 2, "step": 2, "phase": "optimization", "val_loss": 1.2, "train_loss": 1.0, "num_samples": 40}
+    metrics = {"val/loss": 1.2, "train/loss": 1.0}
+    for task in TASKS:
+        k = len(TASKS[task])
+        recall = np.clip(level + cell_effect + rng.normal(0, 0.02, k), 0, 1)
+        cm = np.diag((recall * 10).round().astype(int)) + 1
+        best[f"{task}_per_class_recall"] = recall.tolist()
+        best[f"{task}_macro_recall"] = float(recall.mean())
+        best[f"{task}_macro_f1"] = float(recall.mean() - 0.05)
+        best["confusion_matrices"] = {**best.get("confusion_matrices", {}), task: cm.tolist()}
+        metrics[f"val/{task}/macro_recall"] = float(recall.mean())
+        metrics[f"val/{task}/macro_f1"] = float(recall.mean() - 0.05)
+        metrics.update({f"val/{task}/recall/{s}": float(r) for s, r in zip(CLASS_SLUGS[task], recall)})
+    metrics["val/leaderboard"] = 0.5 * (metrics["val/action/macro_recall"] + metrics["val/severity/macro_recall"])
+    best["leaderboard"] = metrics["val/leaderboard"]
+    curves = {"leaderboard": [0.2, 0.3, metrics["val/leaderboard"]], "val_loss": [2.0, 1.5, 1.2],
+              "train_loss": [2.2, 1.4, 1.0]}
+    events = [{"kind": "loss_spike", "epoch": 1, "step": 7, "detail": {"loss": "9.1"}}] if rng.random() < 0.3 else []
+    return {"metrics": metrics, "best": best, "curves": curves, "events": events, "epochs": 3, "variant": "x",
+            "wall_s": 1.0, "official": {"test": {"leaderboard_value": 100 * metrics["val/leaderboard"]}}}
+
+
+@pytest.fixture(scope="module")
+def stored_experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """An experiment whose arm 'better' beats the control by 0.06 recall everywhere, 'same' does not."""
+    tmp = tmp_path_factory.mktemp("report")
+    storage = f"sqlite:///{tmp / 'optuna.db'}"
+    exp = abtest.Experiment("reporttest", "control vs a better and an equal arm", TrainingConfig(),
+                            (abtest.Arm("control", {}), abtest.Arm("better", {"dropout": 0.3}),
+                             abtest.Arm("same", {"dropout": 0.1})), "control", 4, 3)
+    store = abtest.CellStore(exp, storage)
+    store.prepare()
+    rng = np.random.default_rng(0)
+    cell_effects = {(s, f): rng.normal(0, 0.05) for s in range(4) for f in range(3)}
+    while (claimed := store.claim()) is not None:
+        trial_id, cell = claimed
+        level = {"control": 0.40, "better": 0.46, "same": 0.40}[cell.arm]
+        attrs = _fake_cell_attrs(rng, level, cell_effects[(cell.seed, cell.fold)])
+        store.complete(trial_id, attrs["metrics"]["val/leaderboard"], attrs)
+    return storage, tmp
+
+
+def test_report_content_and_verdicts(stored_experiment: tuple[str, Path]) -> None:
+    storage, tmp = stored_experiment
+    out = report.write_experiment_report("reporttest", storage, tmp / "report.html")
+    page = out.read_text()
+    assert not re.search(r"<script[^>]+src=", page)  # no external script: plotly.js is inlined
+    assert "plotly.js v" in page or "Plotly" in page[:5_000_000]
+    assert page.count("Plotly.newPlot") >= 6  # verdict forest, targets, per-class, confusion, curves, events
+    for heading in ("Verdicts", "Leaderboard against targets", "Per-class recall per arm", "Confusion matrices",
+                    "Learning curves", "Stability events"):
+        assert f"<h2>{heading}</h2>" in page
+    headline = re.search(r"<b>better</b> vs control: ([a-zA-Z ]+) on the leaderboard", page)
+    assert headline and headline.group(1) == stats.BETTER
+    headline = re.search(r"<b>same</b> vs control: ([a-zA-Z ]+) on the leaderboard", page)
+    assert headline and headline.group(1) == stats.NO_DIFFERENCE
+    # the same verdicts through the library
+    exp = abtest.stored_experiment("reporttest", storage)
+    table = abtest.results_table(exp, abtest.CellStore(exp, storage).finished())
+    assert len(table) == 36
+    frame = abtest.verdict_frame(abtest.analyze(exp, table, n_resamples=499))
+    lb = frame[(frame.metric == abtest.PRIMARY_METRIC)].set_index("arm")
+    assert lb.loc["better", "verdict"] == stats.BETTER and lb.loc["same", "verdict"] == stats.NO_DIFFERENCE
+    assert lb.loc["better", "diff"] == pytest.approx(0.06, abs=0.01)
+
+
+def test_report_cli_and_unknown_experiment(stored_experiment: tuple[str, Path], capsys) -> None:
+    storage, tmp = stored_experiment
+    assert report.main(["--experiment", "reporttest", "--storage", storage, "--no-mlflow",
+                        "--out", str(tmp / "cli.html")]) == 0
+    assert (tmp / "cli.html").stat().st_size > 1_000_000  # plotly.js inside
+    assert report.main(["--experiment", "nope", "--storage", storage, "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "ab-nope" in err and "ab-reporttest" in err and "Fix:" in err
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_renders_offline_in_headless_chromium(stored_experiment: tuple[str, Path]) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed and could not be (install with: apt-get install -y chromium)")
+    storage, tmp = stored_experiment
+    out = report.write_experiment_report("reporttest", storage, tmp / "offline.html")
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-extensions", "--no-first-run", "--virtual-time-budget=10000",
+         f"--user-data-dir={tmp / 'chrome-profile'}", "--dump-dom", out.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # every figure became a rendered plotly graph: a plot-container with its SVG layers
+    figures = page_figures = out.read_text().count("Plotly.newPlot")
+    assert dom.count('class="plot-container plotly"') == figures, (figures, dom.count("plot-container"))
+    assert dom.count('class="main-svg"') >= 2 * page_figures
+    assert "heatmaplayer" in dom or "hm" in dom  # the confusion heatmaps drew
