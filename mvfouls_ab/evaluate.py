@@ -279,22 +279,23 @@ def write_predictions(path: Path | str, action_ids: Sequence[str], action_pred: 
 
 def format_report(report: Mapping[str, Any]) -> str:
     """Human-readable text: the five official numbers, then a per-class table and confusion matrix per task."""
+    rules = ", ".join(f"{rule}: {n}" for rule, n in report["dropped"].items() if n)
     lines = [f"Official SoccerNet MVFouls metric: {report['annotations']} vs {report['predictions']}",
-             f"kept {report['kept']} actions; dropped {sum(report['dropped'].values())} "
-             f"({', '.join(f'{k}: {v}' for k, v in report['dropped'].items() if v)})"]
+             f"kept {report['kept']} actions; dropped {sum(report['dropped'].values())}"
+             + (f" ({rules})" if rules else "")]
     if report["missing"]:
         lines.append(f"missing predictions (counted wrong): {len(report['missing'])}")
     lines += [f"  {key:<36} {value:8.3f}" for key, value in report["metrics"].items()]
     for task, table in report["tasks"].items():
         width = max(len(c) for c in table["classes"]) + 2
-        lines += ["", f"{task}: per class", f"  {'class':<{width}}{'support':>8}{'correct':>8}"
-                  f"{'recall':>8}{'precision':>10}{'F1':>8}"]
+        header = f"  {'class':<{width}}{'support':>8}{'correct':>8}{'recall':>8}{'precision':>10}{'F1':>8}"
+        lines += ["", f"{task}: per class", header]
         for i, name in enumerate(table["classes"]):
             lines.append(f"  {name:<{width}}{table['support'][i]:>8}{table['correct'][i]:>8}"
                          f"{table['recall'][i]:>8.3f}{table['precision'][i]:>10.3f}{table['f1'][i]:>8.3f}")
         columns = [str(i) for i in range(len(table["classes"]))] + ["other"]
-        lines += [f"{task}: confusion matrix (rows = truth, columns = predicted class index; "
-                  f"other = {UNSCORED})", "  " + " " * width + "".join(f"{c:>7}" for c in columns)]
+        title = f"{task}: confusion matrix (rows = truth, columns = predicted class index; other = {UNSCORED})"
+        lines += [title, "  " + " " * width + "".join(f"{c:>7}" for c in columns)]
         for name, row in zip(table["confusion_rows"], table["confusion_matrix"]):
             lines.append(f"  {name:<{width}}" + "".join(f"{v:>7}" for v in row))
     return "\n".join(lines)

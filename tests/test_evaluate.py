@@ -340,12 +340,12 @@ def test_cli_module_exit_codes(tmp_path: Path) -> None:
     gt_path = write(tmp_path / "gt.json", {"0": entry("Pushing", "Offence", "3.0")})
     pred_path = write(tmp_path / "pred.json", {"0": labels.prediction_entry(4, 2)})
     ok = subprocess.run([sys.executable, "-m", "mvfouls_ab.evaluate", "--annotations", str(gt_path),
-                         "--predictions", str(pred_path)], capture_output=True, text=True, timeout=120)
+                         "--predictions", str(pred_path)], capture_output=True, text=True, timeout=120, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "accuracy_offence_severity" in ok.stdout and "100.000" in ok.stdout
     (tmp_path / "bad.json").write_text("{oops")
     bad = subprocess.run([sys.executable, "-m", "mvfouls_ab.evaluate", "--annotations", str(gt_path),
-                          "--predictions", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
+                          "--predictions", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2
     assert bad.stdout == ""
     lines = bad.stderr.strip().splitlines()

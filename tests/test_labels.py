@@ -53,7 +53,7 @@ ALL_COMBINATIONS = {str(i): entry(*combo)
 
 def test_action_classes_in_the_evaluators_index_order() -> None:
     source = inspect.getsource(MV_FoulRecognition.evaluate)
-    literal = re.search(r"EVENT_DICTIONARY_action_class\s*=\s*(\{.*?\})", source, re.S).group(1)
+    literal = re.search(r"EVENT_DICTIONARY_action_class\s*=\s*(\{.*?\})", source, re.DOTALL).group(1)
     official = ast.literal_eval(literal)
     assert {name: i for name, i in official.items() if name != "Dont know"} == labels.ACTION_INDEX
     assert list(labels.ACTION_CLASSES) == sorted(labels.ACTION_INDEX, key=labels.ACTION_INDEX.get)

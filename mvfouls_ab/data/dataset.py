@@ -7,6 +7,7 @@ so epochs after the first never touch the video decoder. `MultiViewDataset` turn
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -68,7 +69,8 @@ class ClipCache:
         note_padding(clip_path, window, padded)
         assert target is not None
         _save(target, frames)
-        return np.load(target, mmap_mode="r")
+        mapped = _load(target, window)
+        return frames if mapped is None else mapped
 
     def missing(self, actions: list[Action], window: ClipWindow) -> list[tuple[Clip, str]]:
         """(clip, action id) of every clip of `actions` whose window is not cached yet."""
@@ -119,14 +121,23 @@ def _decode_job(job: tuple[str, str, ClipWindow, str]) -> int:
 
 
 def _load(target: Path, window: ClipWindow) -> np.ndarray | None:
-    """The cached array, or None when missing or not of the expected shape (then it is decoded again)."""
+    """The cached array, memory-mapped read-only, or None when missing or not of the expected shape (then the
+    clip is decoded again). Reads the .npy header and maps the file directly: about half the cost of
+    np.load(mmap_mode="r"), which opens the file twice and builds an np.memmap."""
     try:
-        array = np.load(target, mmap_mode="r")
+        with open(target, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except (FileNotFoundError, ValueError, OSError):
         return None
-    if array.dtype != np.uint8 or array.shape != (3, window.num_frames, window.size, window.size):
+    expected = (3, window.num_frames, window.size, window.size)
+    if dtype != np.uint8 or shape != expected or fortran or len(mapped) != offset + int(np.prod(expected)):
         return None
-    return array
+    return np.frombuffer(mapped, np.uint8, count=int(np.prod(expected)), offset=offset).reshape(expected)
 
 
 def _save(target: Path, frames: np.ndarray) -> None:

@@ -14,6 +14,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,18 @@ class ClipWindow:
         return cls(start=cfg.frame_start, end=cfg.frame_end, fps=cfg.fps, num_frames=cfg.num_frames,
                    size=cfg.frame_size)
 
-    @property
+    @cached_property
     def indices(self) -> tuple[int, ...]:
         """Frame indices read, e.g. (63, 65, 66, ..., 87) for the baseline window."""
         return tuple(int(i) for i in np.rint(np.linspace(self.start, self.end, self.num_frames)))
 
+    @cached_property
+    def _key(self) -> str:
+        return f"f{'-'.join(map(str, self.indices))}_s{self.size}"
+
     def key(self) -> str:
         """What determines the decoded array (used in cache keys)."""
-        return f"f{'-'.join(map(str, self.indices))}_s{self.size}"
+        return self._key
 
 
 def _open_error(path: Path, exc: Exception, action_id: str | None) -> VideoError:
