@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="simplified")
     p.add_argument("--frame-size", type=int, default=112)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory-cache", default="", help="memory source: keep features in this .npz prefix")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainingConfig(data_root=args.data, variant=args.variant, frame_size=args.frame_size, backbone="small3d",
@@ -137,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     data = {}
     for split in ("Train", "Test"):
         if args.source == "memory":
+            cached = Path(f"{args.memory_cache}_{split}.npz") if args.memory_cache else None
+            if cached is not None and cached.is_file():
+                z = np.load(cached)
+                data[split] = (z["feats"], z["mask"], {"action": z["action"], "severity": z["severity"]})
+                continue
             data[split] = memory_features(cfg, args.scale, args.data_seed, split)
+            if cached is not None:
+                f, m, y = data[split]
+                np.savez(cached, feats=f, mask=m, **y)
         else:
             data[split] = file_features(cfg, split)
     print(f"features: Train {len(data['Train'][0])} / Test {len(data['Test'][0])} kept actions "

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", choices=("cpu", "gpu"), default=None, help="hardware profile (default: the YAML's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TrainingConfig key of the shared base (all arms)")
+    ap.add_argument("--epoch-scale", type=float, default=None,
+                    help="multiply every arm's phase epochs (default: the YAML's epoch_scale; 1 = full recipes)")
     ap.add_argument("--data", default=None, help="data root (default: the cached synthetic data set)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes on this machine (share --storage)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
@@ -58,7 +60,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         overrides.append(f"data_root={args.data}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     overrides.append(f"threads={threads}")
-    exp = abtest.load_experiment(args.experiment, args.seeds, args.folds, args.profile, overrides)
+    exp = abtest.load_experiment(args.experiment, args.seeds, args.folds, args.profile, overrides, args.epoch_scale)
     tracking_uri = None if args.no_mlflow else (args.tracking_uri or DEFAULT_TRACKING_URI)
     out = args.out or Path("runs") / "ab" / exp.name
 

@@ -58,8 +58,10 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 PRIMARY_METRIC = "val/leaderboard"
 HEARTBEAT_S = 20
 GRACE_S = 90
-EXPERIMENT_KEYS = {"name", "description", "profile", "base_config", "base", "control", "arms", "seeds", "folds"}
-ARM_KEYS = {"seed_offset", "description"}   # arm keys that are not TrainingConfig fields
+EXPERIMENT_KEYS = {"name", "description", "profile", "base_config", "base", "control", "arms", "seeds", "folds",
+                   "epoch_scale"}
+ARM_KEYS = {"seed_offset", "description", "config"}   # arm keys that are not TrainingConfig fields
+EPOCH_KEYS = ("phase1_epochs", "phase2_epochs", "phase3_epochs")
 
 
 def verdict_metrics() -> list[str]:
@@ -103,6 +105,8 @@ class Experiment:
     seeds: int
     folds: int
     source: str = ""
+    epoch_scale: float = 1.0      # every arm's phase epochs x this (rounded, >= 1 for a phase that has epochs)
+    final: dict[str, Any] = field(default_factory=dict)   # CLI --set: applied last, to every arm
 
     @property
     def study_name(self) -> str:
@@ -119,8 +123,13 @@ class Experiment:
         return [a.name for a in self.arms if a.name != self.control]
 
     def config(self, arm: str, seed: int) -> TrainingConfig:
+        """base -> arm (its config file, then its overrides) -> epoch_scale -> CLI --set; seed = seed + offset."""
         a = self.arm(arm)
-        return self.base.replace(**a.overrides, seed=int(seed) + a.seed_offset)
+        cfg = self.base.replace(**a.overrides)
+        if self.epoch_scale != 1.0:
+            cfg = cfg.replace(**{k: max(1, round(getattr(cfg, k) * self.epoch_scale)) if getattr(cfg, k) else 0
+                                 for k in EPOCH_KEYS})
+        return cfg.replace(**self.final, seed=int(seed) + a.seed_offset)
 
     def config_hash(self, arm: str) -> str:
         return hashlib.sha1(self.config(arm, 0).fingerprint().encode()).hexdigest()[:8]
@@ -133,7 +142,8 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "control": self.control,
-                "seeds": self.seeds, "folds": self.folds, "source": self.source,
+                "seeds": self.seeds, "folds": self.folds, "source": self.source, "epoch_scale": self.epoch_scale,
+                "final": dict(self.final),
                 "arms": [dataclasses.asdict(a) for a in self.arms],
                 "base": {k: v for k, v in self.base.flat().items() if v != getattr(TrainingConfig(), k)}}
 
@@ -144,7 +154,8 @@ def experiment_from_dict(doc: dict[str, Any]) -> Experiment:
     arms = tuple(Arm(a["name"], dict(a["overrides"]), int(a.get("seed_offset", 0)), a.get("description", ""))
                  for a in doc["arms"])
     return Experiment(doc["name"], doc.get("description", ""), base, arms, doc["control"], int(doc["seeds"]),
-                      int(doc["folds"]), doc.get("source", ""))
+                      int(doc["folds"]), doc.get("source", ""), float(doc.get("epoch_scale", 1.0)),
+                      dict(doc.get("final") or {}))
 
 
 def stored_experiment(name: str, storage_url: str) -> Experiment:
@@ -170,8 +181,13 @@ def stored_experiment(name: str, storage_url: str) -> Experiment:
 
 
 def load_experiment(path: str | Path, seeds: int | None = None, folds: int | None = None,
-                    profile: str | None = None, overrides: Sequence[str] | None = None) -> Experiment:
-    """Read experiments/ab_NAME.yaml: profile -> base_config file -> base -> CLI --set; arms on top."""
+                    profile: str | None = None, overrides: Sequence[str] | None = None,
+                    epoch_scale: float | None = None) -> Experiment:
+    """Read experiments/ab_NAME.yaml.
+
+    Each arm's config: hardware profile -> base_config file -> base -> the arm's `config:` file -> the arm's keys
+    -> epoch_scale -> `overrides` (CLI --set, the last word).
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(located(p, "experiment file not found",
@@ -199,8 +215,8 @@ def load_experiment(path: str | Path, seeds: int | None = None, folds: int | Non
     if not isinstance(base_over, dict):
         raise ConfigError(located(p, "`base` must be a mapping of TrainingConfig keys", "write base: {key: value}"))
     base = load_config(overrides={k: coerce(k, v, f"{p} base") for k, v in base_over.items()}, base=base)
-    if overrides:
-        base = load_config(overrides=list(overrides), base=base)
+    given = load_config(overrides=list(overrides or []))          # validates and coerces the --set values
+    final = {k: getattr(given, k) for k in (o.split("=", 1)[0].strip() for o in overrides or [])}
 
     arms_doc = doc.get("arms")
     if not isinstance(arms_doc, dict) or len(arms_doc) < 2:
@@ -208,13 +224,18 @@ def load_experiment(path: str | Path, seeds: int | None = None, folds: int | Non
                                   "write arms: {control_name: {overrides}, other_name: {overrides}}"))
     arms = []
     for arm_name, over in arms_doc.items():
+        if not isinstance(over, (dict, type(None))):
+            raise ConfigError(located(p, f"arm {arm_name!r} is not a mapping", "write arm: {key: value, ...}"))
         over = dict(over or {})
         extra = {k: over.pop(k) for k in list(over) if k in ARM_KEYS}
-        try:
-            values = {k: coerce(k, v, f"{p} arm {arm_name}") for k, v in over.items()}
-            base.replace(**values)  # validates the combination
-        except ConfigError:
-            raise
+        values: dict[str, Any] = {}
+        if extra.get("config"):
+            arm_file = Path(extra["config"])
+            if not arm_file.is_absolute() and not arm_file.is_file():
+                arm_file = p.parent.parent / arm_file
+            values.update({k: v for k, v in load_config(arm_file).flat().items() if k in _keys_of(arm_file)})
+        values.update({k: coerce(k, v, f"{p} arm {arm_name}") for k, v in over.items()})
+        base.replace(**values)  # validates the combination
         if not str(arm_name).replace("_", "").replace("-", "").isalnum():
             raise ConfigError(located(p, f"arm name {arm_name!r} has odd characters", "use letters, digits, _ and -"))
         arms.append(Arm(str(arm_name), values, int(extra.get("seed_offset", 0)), str(extra.get("description", ""))))
@@ -225,8 +246,16 @@ def load_experiment(path: str | Path, seeds: int | None = None, folds: int | Non
     n_folds = int(folds if folds is not None else doc.get("folds", 5))
     if n_seeds < 1 or n_folds < 2:
         raise ConfigError(located(p, f"seeds={n_seeds}, folds={n_folds}", "use seeds >= 1 and folds >= 2"))
+    scale = float(epoch_scale if epoch_scale is not None else doc.get("epoch_scale", 1.0))
+    if scale <= 0:
+        raise ConfigError(located(p, f"epoch_scale={scale}", "use a positive factor, e.g. 0.2 for a quick CPU run"))
     return Experiment(name, str(doc.get("description", "")).strip(), base, tuple(arms), control, n_seeds, n_folds,
-                      str(p))
+                      str(p), scale, final)
+
+
+def _keys_of(path: Path) -> set[str]:
+    """The TrainingConfig keys a YAML file sets (load_config has validated it already)."""
+    return set(yaml.safe_load(path.read_text()) or {}) - {"description"}
 
 
 # ---- folds --------------------------------------------------------------------------------------------------
@@ -239,6 +268,9 @@ def stratification_labels(action: np.ndarray, severity: np.ndarray, n_folds: int
         if not rare.any():
             break
         joint[rare] = np.array(coarser, dtype=object)[rare]
+    counts = Counter(joint)
+    if 0 < counts.get("rare", 0) < n_folds:   # still too few: they join the largest group
+        joint[joint == "rare"] = counts.most_common(1)[0][0]
     return joint.astype(str)
 
 
@@ -288,6 +320,35 @@ def fold_bundle(data: Any, n_folds: int, seed: int, fold: int, folder: Path | st
         parts[name] = _fold_split(name, [a for _, a in chosen], [f"{s}/{a.action_id}" for s, a in chosen],
                                   where / name / "annotations.json", data.root, note)
     return dataclasses.replace(data, train=parts["Train"], valid=parts["Valid"])
+
+
+def prefill_fold_features(cfg: TrainingConfig, data: Any, fold_data: Any) -> None:
+    """Frozen mode: write each fold split's feature file by slicing the cached Train/Valid embeddings.
+
+    The feature cache is keyed by a split's exact action list, so every fold split would otherwise run the
+    backbone again over clips whose embeddings are already cached; the files written here have the format
+    models/features.py reads (feats, view_mask, action_ids) under the key it computes.
+    """
+    from .models.features import feature_key, feature_path, load_features
+
+    if cfg.feature_mode != "frozen":
+        return
+    pooled = {name: load_features(cfg, split, data.cache, progress=False)
+              for name, split in (("Train", data.train), ("Valid", data.valid))}
+    index = {name: {aid: i for i, aid in enumerate(fs.action_ids)} for name, fs in pooled.items()}
+    for split in (fold_data.train, fold_data.valid):
+        key, _ = feature_key(cfg, split)
+        path = feature_path(data.cache, key, split.split)
+        if path.is_file():
+            continue
+        sources = [split.extra["Source"][a.action_id].split("/", 1) for a in split.actions]
+        feats = np.stack([pooled[s].feats[index[s][aid]].numpy() for s, aid in sources])
+        mask = np.stack([pooled[s].view_mask[index[s][aid]].numpy() for s, aid in sources])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, feats=feats, view_mask=mask,
+                 action_ids=np.array([a.action_id for a in split.actions], dtype=str))
+        os.replace(tmp, path)
 
 
 # ---- the cell store (Optuna RDB storage) --------------------------------------------------------------------
@@ -500,6 +561,7 @@ def run_cell(experiment: Experiment, cell: Cell, data: Any, out: Path, tracking_
     folder = cell_dir(out, cell)
     folder.mkdir(parents=True, exist_ok=True)
     bundle = fold_bundle(data, cell.folds, cell.seed, cell.fold, Path(out) / "folds")
+    prefill_fold_features(cfg, data, bundle)
     tracker = sink = None
     sinks: list[Any] = []
     if tracking_uri:

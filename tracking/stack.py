@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""The docker-compose stack, natively: PostgreSQL databases, `mlflow server`, `optuna-dashboard` and N study workers.
+
+    python tracking/stack.py up --workers 2 [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--dir DIR]
+    python tracking/stack.py status [--dir DIR]
+    python tracking/stack.py down [--dir DIR] [--drop-databases]
+
+`up` creates the MLflow and Optuna databases on the PostgreSQL server named by --pg-url (it does not start
+PostgreSQL itself), creates the Optuna schema once (so the dashboard and the workers do not race to create it),
+starts `mlflow server` (PostgreSQL backend store, artifacts served from DIR/mlartifacts), `optuna-dashboard` on the
+Optuna database and N workers (`python -m mvfouls_ab.study`), each in its own process group with its log in
+DIR/logs/, waits until MLflow's /health and the dashboard's /api/meta answer, and records everything in
+DIR/state.json. `down` stops exactly the process groups recorded there (checking each PID still is the process it
+started), `status` reports them. `--workers-only` starts workers against stores that run elsewhere (another machine).
+
+The command lines are built by the functions below; tests/test_compose.py checks that docker-compose.yml runs the
+same ones (same program, same flags, same values up to host names and paths).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_DIR = Path(".stack")
+MLFLOW_DB = "mlflow"
+OPTUNA_DB = "optuna"
+STUDY_NAME = "mvfouls"
+# Host headers MLflow accepts: the compose service name (containers) and loopback (the browser).
+ALLOWED_HOSTS = "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+# Environment of the mlflow server: its job runner (GenAI judge jobs: 7 extra processes) is of no use here.
+MLFLOW_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+HEALTH_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 20.0
+
+
+# ---- the command lines (shared with docker-compose.yml, checked by tests/test_compose.py) ----------------------
+def mlflow_server_command(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1",
+                          port: int = 5000, allowed_hosts: str = ALLOWED_HOSTS, workers: int = 1) -> list[str]:
+    """`mlflow server` with a database backend store and artifacts served (proxied) by the server itself."""
+    return ["mlflow", "server",
+            "--backend-store-uri", backend_store_uri,
+            "--serve-artifacts", "--artifacts-destination", artifacts_destination,
+            "--host", host, "--port", str(port),
+            "--allowed-hosts", allowed_hosts,
+            "--workers", str(workers)]
+
+
+def dashboard_command(storage: str, host: str = "127.0.0.1", port: int = 8080) -> list[str]:
+    """`optuna-dashboard` with the storage URL as its positional argument."""
+    return ["optuna-dashboard", storage, "--host", host, "--port", str(port)]
+
+
+def worker_command(storage: str, tracking_uri: str, study_name: str = STUDY_NAME, trials: int = 50,
+                   profile: str = "cpu", data: str | None = None, out: str | None = None,
+                   extra: Sequence[str] = ()) -> list[str]:
+    """One study worker; every worker started with the same study name and storage joins the same study."""
+    cmd = ["python", "-m", "mvfouls_ab.study",
+           "--study-name", study_name, "--storage", storage, "--tracking-uri", tracking_uri,
+           "--trials", str(trials), "--profile", profile]
+    if data:
+        cmd += ["--data", data]
+    if out:
+        cmd += ["--out", out]
+    return cmd + list(extra)
+
+
+def database_url(server_url: str, database: str) -> str:
+    """The SQLAlchemy URL of `database` on the server of `server_url` (same user, password, host and port).
+
+    The driver is named (postgresql+psycopg2): SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3.
+    """
+    parts = urlsplit(server_url)
+    return urlunsplit(("postgresql+psycopg2", parts.netloc, "/" + database, parts.query, ""))
+
+
+def redact(url: str) -> str:
+    """The URL with its password (if any) replaced by ***, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# ---- PostgreSQL ---------------------------------------------------------------------------------------------
+def _admin_connection(pg_url: str):
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(pg_url, connect_timeout=10)
+    except psycopg2.OperationalError as exc:
+        raise SystemExit(f"{redact(pg_url)}: cannot connect to PostgreSQL ({str(exc).strip()}). Fix: start "
+                         "PostgreSQL or pass --pg-url postgresql://USER[:PASSWORD]@HOST:PORT/postgres") from None
+    conn.autocommit = True   # CREATE/DROP DATABASE cannot run inside a transaction
+    return conn
+
+
+def create_databases(pg_url: str, names: Iterable[str]) -> list[str]:
+    """Create each database that does not exist yet; returns the ones created."""
+    from psycopg2 import sql
+
+    created = []
+    conn = _admin_connection(pg_url)
+    try:
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                    created.append(name)
+    finally:
+        conn.close()
+    return created
+
+
+def drop_databases(pg_url: str, names: Iterable[str]) -> None:
+    from psycopg2 import sql
+
+    conn = _admin_connection(pg_url)
+    try:
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+
+
+def init_optuna_schema(storage: str) -> None:
+    """Create Optuna's tables once, before the dashboard and several workers would race to create them."""
+    import optuna
+
+    optuna.storages.RDBStorage(storage).remove_session()
+
+
+# ---- processes ----------------------------------------------------------------------------------------------
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None if it is gone or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        try:                           # our own child (tests run `up` in-process): reap it
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return None
+    return int(fields[19])
+
+
+def alive(service: dict) -> bool:
+    """True while the recorded process runs and still is the process that was started (not a reused PID)."""
+    return _start_ticks(service["pid"]) == service["start_ticks"]
+
+
+def spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> dict:
+    """Start `cmd` in a new session (its own process group), stdout and stderr to `log_path`."""
+    import subprocess
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_executable(cmd[0]), *cmd[1:]]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env, cwd=cwd)
+    return {"name": name, "pid": proc.pid, "pgid": proc.pid, "start_ticks": _start_ticks(proc.pid),
+            "cmd": cmd, "log": str(log_path), "started_at": time.time()}
+
+
+def _executable(program: str) -> str:
+    """`python`, `mlflow`, `optuna-dashboard` of the environment running this script (even if not on PATH)."""
+    if program == "python":
+        return sys.executable
+    sibling = Path(sys.executable).parent / program
+    return str(sibling) if sibling.is_file() else program
+
+
+def stop(service: dict, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Signal the service's process group; SIGKILL it after `timeout`. False if it was not running."""
+    if not alive(service):
+        return False
+    try:
+        os.killpg(service["pgid"], sig)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(service) and not _group_exists(service["pgid"]):
+            return True
+        time.sleep(0.2)
+    try:
+        os.killpg(service["pgid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 10.0
+    while alive(service) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def tail(path: str | Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def http_ok(url: str, timeout: float = 3.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_healthy(service: dict, url: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_ok(url):
+            return
+        if not alive(service):
+            raise RuntimeError(f"{service['log']}: {service['name']} exited before {url} answered. Fix: read the "
+                               f"log; last lines:\n{tail(service['log'])}")
+        time.sleep(0.5)
+    raise RuntimeError(f"{service['log']}: {service['name']} did not answer {url} within {timeout:.0f} s. "
+                       f"Fix: read the log; last lines:\n{tail(service['log'])}")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+# ---- state --------------------------------------------------------------------------------------------------
+def state_path(directory: Path) -> Path:
+    return Path(directory) / "state.json"
+
+
+def read_state(directory: Path) -> dict | None:
+    p = state_path(directory)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def write_state(directory: Path, state: dict) -> None:
+    p = state_path(directory)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.chmod(tmp, 0o600)      # the command lines may hold a database password
+    tmp.replace(p)
+
+
+# ---- up / down / status -------------------------------------------------------------------------------------
+def up(directory: Path = DEFAULT_DIR, workers: int = 2, pg_url: str = DEFAULT_PG_URL, mlflow_db: str = MLFLOW_DB,
+       optuna_db: str = OPTUNA_DB, host: str = "127.0.0.1", mlflow_port: int = 5000, dashboard_port: int = 8080,
+       study_name: str = STUDY_NAME, trials: int = 50, profile: str = "cpu", data: str | None = None,
+       worker_threads: int = 0, worker_args: Sequence[str] = (), workers_only: bool = False,
+       storage: str | None = None, tracking_uri: str | None = None,
+       env: dict[str, str] | None = None) -> dict:
+    """Start the stack (or, with workers_only, just workers against `storage` and `tracking_uri`)."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    old = read_state(directory)
+    if old and any(alive(s) for s in old["services"]):
+        raise SystemExit(f"{state_path(directory)}: a stack started from this folder is still running. "
+                         f"Fix: python tracking/stack.py down --dir {directory}")
+    base_env = dict(os.environ if env is None else env)
+    state: dict[str, Any] = {"dir": str(directory), "created_at": time.time(), "services": [],
+                             "databases": [], "pg_url": redact(pg_url)}
+    try:
+        if workers_only:
+            if not (storage and tracking_uri):
+                raise SystemExit("--workers-only needs --storage and --tracking-uri (the stores on the server machine)")
+        else:
+            for port in (mlflow_port, dashboard_port):
+                if not port_free(host, port):
+                    raise SystemExit(f"{host}:{port} is already in use. Fix: pass --mlflow-port/--dashboard-port "
+                                     f"or stop what listens there")
+            created = create_databases(pg_url, [mlflow_db, optuna_db])
+            state["databases"] = [mlflow_db, optuna_db]
+            state["databases_created"] = created
+            storage = database_url(pg_url, optuna_db)
+            init_optuna_schema(storage)
+            client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            tracking_uri = f"http://{client_host}:{mlflow_port}"
+            state["urls"] = {"mlflow": tracking_uri, "dashboard": f"http://{client_host}:{dashboard_port}"}
+            mlflow = spawn("mlflow", mlflow_server_command(database_url(pg_url, mlflow_db),
+                                                           str(directory / "mlartifacts"), host, mlflow_port),
+                           directory / "logs" / "mlflow.log", {**base_env, **MLFLOW_ENV}, cwd=directory)
+            state["services"].append(mlflow)
+            write_state(directory, state)
+            dashboard = spawn("optuna-dashboard", dashboard_command(storage, host, dashboard_port),
+                              directory / "logs" / "optuna-dashboard.log", base_env, cwd=directory)
+            state["services"].append(dashboard)
+            write_state(directory, state)
+            wait_healthy(mlflow, f"{tracking_uri}/health")
+            wait_healthy(dashboard, f"{state['urls']['dashboard']}/api/meta")
+        state["storage"] = storage
+        state["tracking_uri"] = tracking_uri
+        worker_env = dict(base_env)
+        if worker_threads:
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                worker_env[var] = str(worker_threads)
+        for i in range(workers):
+            cmd = worker_command(storage, tracking_uri, study_name, trials, profile, data,
+                                 str(directory / "runs"), worker_args)
+            state["services"].append(spawn(f"worker-{i + 1}", cmd, directory / "logs" / f"worker-{i + 1}.log",
+                                           worker_env))
+            write_state(directory, state)
+    except BaseException:
+        for service in reversed(state["services"]):
+            stop(service)
+        if state.get("databases_created"):
+            drop_databases(pg_url, state["databases_created"])
+        state["services"], state["databases"] = [], []
+        write_state(directory, state)
+        raise
+    write_state(directory, state)
+    return state
+
+
+def down(directory: Path = DEFAULT_DIR, drop: bool = False, pg_url: str | None = None,
+         timeout: float = STOP_TIMEOUT_S) -> list[str]:
+    """Stop what `up` started from `directory` (workers first); returns the names of the services stopped."""
+    state = read_state(directory)
+    if state is None:
+        return []
+    stopped = [s["name"] for s in reversed(state["services"]) if stop(s, timeout=timeout)]
+    if drop and state.get("databases"):
+        drop_databases(pg_url or state["pg_url"], state["databases"])
+        state["databases"] = []
+    write_state(directory, state)
+    return stopped
+
+
+def status(directory: Path = DEFAULT_DIR) -> list[dict]:
+    """One row per service: name, pid, running, healthy (servers), log."""
+    state = read_state(directory)
+    if state is None:
+        return []
+    urls = state.get("urls", {})
+    health = {"mlflow": urls.get("mlflow", "") + "/health",
+              "optuna-dashboard": urls.get("dashboard", "") + "/api/meta"}
+    rows = []
+    for s in state["services"]:
+        running = alive(s)
+        rows.append({"name": s["name"], "pid": s["pid"], "running": running,
+                     "healthy": http_ok(health[s["name"]]) if running and s["name"] in health else None,
+                     "log": s["log"]})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python tracking/stack.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="start the stack")
+    p_up.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="logs, PIDs (state.json), artifacts, runs")
+    p_up.add_argument("--workers", type=int, default=2)
+    p_up.add_argument("--pg-url", default=DEFAULT_PG_URL, help="an admin connection to the PostgreSQL server")
+    p_up.add_argument("--mlflow-db", default=MLFLOW_DB)
+    p_up.add_argument("--optuna-db", default=OPTUNA_DB)
+    p_up.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to let workers on other machines in")
+    p_up.add_argument("--mlflow-port", type=int, default=5000)
+    p_up.add_argument("--dashboard-port", type=int, default=8080)
+    p_up.add_argument("--study-name", default=STUDY_NAME)
+    p_up.add_argument("--trials", type=int, default=50)
+    p_up.add_argument("--profile", default="cpu", choices=("cpu", "gpu"))
+    p_up.add_argument("--data", default=None, help="MVFouls root (default: the synthetic data set)")
+    p_up.add_argument("--worker-threads", type=int, default=0, help="OMP/MKL threads per worker (0: leave)")
+    p_up.add_argument("--workers-only", action="store_true",
+                      help="start only workers, against --storage and --tracking-uri of a stack elsewhere")
+    p_up.add_argument("--storage", default=None, help="with --workers-only: the Optuna storage URL")
+    p_up.add_argument("--tracking-uri", default=None, help="with --workers-only: the MLflow server URL")
+    p_up.add_argument("worker_args", nargs=argparse.REMAINDER,
+                      help="after --: more `python -m mvfouls_ab.study` options, e.g. -- --timeout 3600")
+    p_down = sub.add_parser("down", help="stop what `up` started")
+    p_down.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    p_down.add_argument("--drop-databases", action="store_true", help="also drop the databases `up` used")
+    p_down.add_argument("--pg-url", default=None, help="admin URL for --drop-databases (default: the one of up)")
+    p_status = sub.add_parser("status", help="what runs, and whether the servers answer")
+    p_status.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    args = ap.parse_args(argv)
+
+    if args.cmd == "up":
+        extra = [a for a in args.worker_args if a != "--"]
+        state = up(args.dir, args.workers, args.pg_url, args.mlflow_db, args.optuna_db, args.host,
+                   args.mlflow_port, args.dashboard_port, args.study_name, args.trials, args.profile, args.data,
+                   args.worker_threads, extra, args.workers_only, args.storage, args.tracking_uri)
+        for name, url in state.get("urls", {}).items():
+            print(f"{name:10s} {url}")
+        print(f"{'storage':10s} {redact(state['storage'])}")
+        print(f"started {len(state['services'])} processes; logs in {Path(state['dir']) / 'logs'}; "
+              f"stop with: python tracking/stack.py down --dir {state['dir']}")
+    elif args.cmd == "down":
+        stopped = down(args.dir, args.drop_databases, args.pg_url)
+        print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    else:
+        rows = status(args.dir)
+        if not rows:
+            print(f"no stack recorded in {state_path(args.dir)}")
+        for r in rows:
+            health = "" if r["healthy"] is None else ("healthy" if r["healthy"] else "NOT answering")
+            print(f"{r['name']:18s} pid {r['pid']:<8d} {'running' if r['running'] else 'stopped':8s} {health:14s} "
+                  f"{r['log']}")
+        return 0 if rows and any(r["running"] for r in rows) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
