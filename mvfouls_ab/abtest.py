@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import yaml
@@ -387,11 +387,11 @@ class _Heartbeat:
             if self._stop.wait(HEARTBEAT_S):
                 return
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
 
@@ -438,7 +438,8 @@ class CellStore:
             try:
                 if not self.storage.set_trial_state_values(tid, state=TrialState.RUNNING):
                     continue
-            except Exception:  # noqa: BLE001 - UpdateFinishedTrialError: another worker finished it
+            except Exception as exc:  # noqa: BLE001 - UpdateFinishedTrialError: another worker finished it
+                log.debug("trial %d taken by another worker: %s", t.number, exc)
                 continue
             key = t.user_attrs["cell"]
             rivals = [r for r in self._trials((TrialState.COMPLETE, TrialState.RUNNING))
@@ -710,16 +711,20 @@ def format_verdicts(frame, metrics: Sequence[str] | None = None) -> str:
     """A plain-text verdict table (what the CLI prints and the README quotes)."""
     if frame.empty:
         return "(no paired cells yet)"
-    lines = [f"{'arm':<16} {'metric':<34} {'A':>7} {'B':>7} {'B-A':>8} {'95% CI':>19} {'p':>7} {'p_holm':>7} "
-             f"{'MDE':>7}  verdict"]
+    lines = [(f"{'arm':<16} {'metric':<34} {'A':>7} {'B':>7} {'B-A':>8} {'95% CI':>19} {'p':>7} {'p_holm':>7} "
+             f"{'MDE/Holm':>13}  verdict")]
     for _, r in frame.iterrows():
         if metrics and r.metric not in metrics:
             continue
         ci = f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
-        mde = "inf" if not math.isfinite(r.mde) else f"{r.mde:.3f}"
+        mde = _fmt_mde(r.mde) + "/" + _fmt_mde(r.mde_holm)
         lines.append(f"{r.arm:<16} {r.metric:<34} {r.mean_a:7.3f} {r.mean_b:7.3f} {r['diff']:+8.3f} {ci:>19} "
-                     f"{r.p_value:7.3f} {r.p_holm:7.3f} {mde:>7}  {r.verdict}")
+                     f"{r.p_value:7.3f} {r.p_holm:7.3f} {mde:>13}  {r.verdict}")
     return "\n".join(lines)
+
+
+def _fmt_mde(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else ("inf" if value > 0 else "n/a")
 
 
 def write_results(experiment: Experiment, out: Path | str, table, frame, summary) -> dict[str, Path]:

@@ -17,25 +17,23 @@ import html
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import abtest, stats
+from . import abtest, ranking, stats
 from .errors import MVFoulsError, StudyError, located
 from .labels import CLASS_SLUGS, TASKS
 
-# The design's targets (DESIGN.md, Evaluation Metrics): value, and whether higher is better.
-TARGETS: dict[str, tuple[float, bool]] = {
-    "val/action/macro_recall": (0.45, True),
-    "val/severity/macro_recall": (0.45, True),
-    "val/action/macro_f1": (0.40, True),
-    "val/severity/macro_f1": (0.40, True),
-    "val/min_class_recall": (0.25, True),
-    "val/loss": (5.0, False),
-}
+# The design's targets (ranking.TARGETS, the single source) under this report's metric names:
+# metric -> (threshold, higher is better).
+_TARGET_NAMES = {"action_macro_recall": "val/action/macro_recall", "severity_macro_recall": "val/severity/macro_recall",
+                 "action_macro_f1": "val/action/macro_f1", "severity_macro_f1": "val/severity/macro_f1",
+                 "worst_class_recall": "val/min_class_recall", "loss": "val/loss"}
+TARGETS: dict[str, tuple[float, bool]] = {_TARGET_NAMES[t.name]: (t.threshold, t.op == ">")
+                                          for t in ranking.TARGETS if t.name in _TARGET_NAMES}
 VERDICT_COLOURS = {stats.BETTER: "#c8f7c5", stats.WORSE: "#f7c5c5", stats.NO_DIFFERENCE: "#eeeeee"}
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
@@ -51,7 +49,7 @@ def render_page(title: str, intro: str, sections: Sequence[tuple[str, str, list[
         for fig in figures:
             body.append(fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
         body.append("</section>")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table.t{{border-collapse:collapse}}
@@ -91,9 +89,9 @@ def targets_figure(groups: Mapping[str, Mapping[str, Sequence[float]]], title: s
             mean, low, high = stats.mean_ci(values.get(metric, []))
             fig.add_trace(go.Bar(x=[name], y=[mean], name=name, legendgroup=name, showlegend=col == 1,
                                  marker_color=PALETTE[g % len(PALETTE)],
-                                 error_y=dict(type="data", symmetric=False,
-                                              array=[0 if math.isnan(high) else high - mean],
-                                              arrayminus=[0 if math.isnan(low) else mean - low])), row=1, col=col)
+                                 error_y={"type": "data", "symmetric": False,
+                                              "array": [0 if math.isnan(high) else high - mean],
+                                              "arrayminus": [0 if math.isnan(low) else mean - low]}), row=1, col=col)
     for col, metric in enumerate(metrics, start=1):
         fig.add_hline(y=TARGETS[metric][0], line_dash="dash", line_color="black", row=1, col=col)
     fig.update_layout(title=title, height=420, barmode="group", showlegend=True)
@@ -116,7 +114,7 @@ def per_class_figure(groups: Mapping[str, Mapping[str, Sequence[float]]], title:
                 minus.append(0 if math.isnan(low) else mean - low)
             fig.add_trace(go.Bar(x=list(TASKS[task]), y=means, name=name, legendgroup=name, showlegend=col == 1,
                                  marker_color=PALETTE[g % len(PALETTE)],
-                                 error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus)),
+                                 error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}),
                           row=1, col=col)
     fig.add_hline(y=0.25, line_dash="dash", line_color="black")
     fig.update_yaxes(range=[0, 1.05], title_text="recall")
@@ -161,8 +159,8 @@ def curves_figure(curves: Mapping[str, Sequence[Mapping[str, Sequence[float | No
             if not series:
                 continue
             for s in series:
-                fig.add_trace(go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines", line=dict(width=0.7,
-                                         color=colour), opacity=0.35, legendgroup=name, showlegend=False,
+                fig.add_trace(go.Scatter(x=np.arange(1, len(s) + 1), y=s, mode="lines", line={"width": 0.7,
+                                         "color": colour}, opacity=0.35, legendgroup=name, showlegend=False,
                                          hoverinfo="skip"), row=1, col=col)
             width = max(len(s) for s in series)
             padded = np.full((len(series), width), np.nan)
@@ -171,7 +169,7 @@ def curves_figure(curves: Mapping[str, Sequence[Mapping[str, Sequence[float | No
             with np.errstate(all="ignore"):
                 mean = np.nanmean(padded, axis=0)
             fig.add_trace(go.Scatter(x=np.arange(1, width + 1), y=mean, mode="lines+markers", name=name,
-                                     line=dict(width=3, color=colour), legendgroup=name, showlegend=col == 1),
+                                     line={"width": 3, "color": colour}, legendgroup=name, showlegend=col == 1),
                           row=1, col=col)
     fig.update_xaxes(title_text="epoch")
     fig.update_layout(title=title, height=430)
@@ -189,7 +187,7 @@ def events_figure(events: Sequence[Mapping[str, Any]], title: str):
         rows = [e for e in events if e["kind"] == kind]
         fig.add_trace(go.Scatter(
             x=[e["epoch"] for e in rows], y=[e["run"] for e in rows], mode="markers", name=kind,
-            marker=dict(symbol=symbols[i % len(symbols)], size=12),
+            marker={"symbol": symbols[i % len(symbols)], "size": 12},
             text=[html.escape(", ".join(f"{k}={v}" for k, v in (e.get("detail") or {}).items()))[:300] for e in rows],
             hovertemplate="%{y}<br>epoch %{x}<br>%{text}<extra>" + kind + "</extra>"))
     if not events:
@@ -217,9 +215,9 @@ def forest_figure(frame, title: str):
                 continue
             fig.add_trace(go.Scatter(
                 x=r["diff"], y=r.metric, mode="markers", name=verdict, legendgroup=verdict,
-                showlegend=col == 1, marker=dict(color=colour, size=9),
-                error_x=dict(type="data", symmetric=False, array=r.ci_high - r["diff"],
-                             arrayminus=r["diff"] - r.ci_low),
+                showlegend=col == 1, marker={"color": colour, "size": 9},
+                error_x={"type": "data", "symmetric": False, "array": r.ci_high - r["diff"],
+                             "arrayminus": r["diff"] - r.ci_low},
                 customdata=np.stack([r.p_value, r.p_holm, r.mde], axis=1),
                 hovertemplate="%{y}: %{x:+.3f}<br>p %{customdata[0]:.3f}, Holm %{customdata[1]:.3f}"
                               "<br>MDE %{customdata[2]:.3f}<extra></extra>"), row=1, col=col)
@@ -227,7 +225,7 @@ def forest_figure(frame, title: str):
         if not finite.empty:
             for sign in (-1, 1):
                 fig.add_trace(go.Scatter(x=sign * finite.mde, y=finite.metric, mode="markers", showlegend=False,
-                                         marker=dict(symbol="line-ns-open", color="#aaaaaa", size=10),
+                                         marker={"symbol": "line-ns-open", "color": "#aaaaaa", "size": 10},
                                          hoverinfo="skip"), row=1, col=col)
         fig.add_vline(x=0, line_color="black", row=1, col=col)
     fig.update_yaxes(autorange="reversed")
@@ -274,11 +272,12 @@ def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], 
     headline = "".join(f"<li><b>{html.escape(r.arm)}</b> vs {html.escape(r.control)}: {html.escape(r.verdict)} on "
                        f"the leaderboard value ({r['diff']:+.3f}, 95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
                        f"Holm p {r.p_holm:.3f}, MDE {r.mde:.3f})</li>" for _, r in primary.iterrows())
-    if not frame.empty and not np.isfinite(frame.mde).any():
-        n = int(frame.n.max())
+    if not frame.empty and not (frame.mde_holm < math.inf).any():
+        n, m = int(frame.n.max()), len(abtest.verdict_metrics())
         headline += (f"<li><b>Too few pairs for any verdict:</b> with n = {n} (seed, fold) pairs the exact Wilcoxon "
-                     f"test cannot reach p &lt; 0.05 (smallest p = {stats.min_wilcoxon_p(n):.3f}); run at least 6 "
-                     f"pairs (e.g. --seeds 3 --folds 2) for a verdict.</li>")
+                     f"test's smallest p value is {stats.min_wilcoxon_p(n):.4f}, which Holm's correction over {m} "
+                     f"metrics multiplies by {m}: nothing can reach 0.05. Run at least 10 pairs (e.g. --seeds 5 "
+                     f"--folds 2) for a verdict.</li>")
     sections = [
         ("Verdicts", f"<ul>{headline}</ul>" + html_table(shown, verdict_css),
          [forest_figure(frame, "B - A per metric (95% CI; grey ticks: +-MDE)")] if not frame.empty else []),
@@ -288,8 +287,8 @@ def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], 
          "Test = the untouched Test split, official leaderboard value.</p>" + leaderboard
          + html_table(summary.round(4)), [targets_figure(values, "Targets per arm (mean, 95% CI over cells)")]),
         ("Per-class recall per arm", "", [per_class_figure(values, "Per-class recall (mean, 95% CI over cells)")]),
-        ("Confusion matrices", "<p>Summed over the arm's cells (best epoch, held-out fold); colour = share of "
-         "the true class.</p>", [confusion_figure(matrices, "Confusion matrices per arm")]),
+        ("Confusion matrices", ("<p>Summed over the arm's cells (best epoch, held-out fold); colour = share of "
+         "the true class.</p>"), [confusion_figure(matrices, "Confusion matrices per arm")]),
         ("Learning curves", "<p>Thin: one cell; thick: mean of the arm.</p>",
          [curves_figure(curves, "Learning curves per arm")]),
         ("Stability events", f"<p>{len(events)} events in {sum(map(len, by_arm.values()))} cells.</p>",
@@ -342,46 +341,59 @@ def write_experiment_report(name: str, storage: str, out: Path | str, tracking_u
 
 # ---- HPO study report ---------------------------------------------------------------------------------------
 def study_report_html(study: Any, top: int = 5) -> str:
-    """From the study's COMPLETE trials: value, and whatever per-trial metrics they stored as user attributes."""
+    """The study's best COMPLETE trials: their Valid summary (study.py's `summary` user attribute) against the
+    targets, per-class recall, and -- from each trial's run folder when this machine has it (metrics.jsonl,
+    events.jsonl) -- the best epoch's confusion matrices, learning curves and stability events; without the folder
+    the learning curve is the values the trial reported to Optuna per epoch."""
+    import pandas as pd
     from optuna.trial import TrialState
 
     trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                     key=lambda t: -(t.value if t.value is not None else -math.inf))
     best = trials[:top]
-    names = {t.number: f"trial {t.number}" for t in best}
-    values = {names[t.number]: {k: [v] for k, v in _trial_metrics(t).items()} for t in best}
-    for t, name in zip(best, values):
-        rec = t.user_attrs.get("best") or {}
-        values[name]["val/min_class_recall"] = [min(min(rec.get(f"{task}_per_class_recall") or [math.nan])
-                                                    for task in TASKS)] if rec else \
-            [min([v[0] for k, v in values[name].items() if "/recall/" in k] or [math.nan])]
-    matrices = {names[t.number]: (t.user_attrs.get("best") or {}).get("confusion_matrices") for t in best}
-    matrices = {k: {task: np.asarray(v[task]) for task in TASKS} for k, v in matrices.items() if v}
-    curves = {names[t.number]: [t.user_attrs.get("curves") or
-                                {"leaderboard": [t.intermediate_values[s] for s in sorted(t.intermediate_values)]}]
-              for t in best}
-    events = [dict(e, run=names[t.number]) for t in best for e in t.user_attrs.get("events") or []]
-    import pandas as pd
-
-    board = pd.DataFrame([{"trial": t.number, "value": t.value, "state": t.state.name,
+    values, matrices, curves, events = {}, {}, {}, []
+    for t in best:
+        name = f"trial {t.number}"
+        valid = (t.user_attrs.get("summary") or {}).get("valid") or {}
+        v = {metric: [valid.get(key, math.nan)] for key, metric in _TARGET_NAMES.items()}
+        v[abtest.PRIMARY_METRIC] = [valid.get("leaderboard", math.nan)]
+        for task in TASKS:
+            for slug, r in zip(CLASS_SLUGS[task], valid.get(f"{task}_recall") or []):
+                v[f"val/{task}/recall/{slug}"] = [math.nan if r is None else r]
+        values[name] = v
+        history, trial_events = _run_folder(t.user_attrs.get("run_dir"))
+        if history:
+            top_record = max(history, key=lambda r: (r.get("leaderboard", -1), -r.get("val_loss", 0)))
+            matrices[name] = {task: np.asarray(top_record["confusion_matrices"][task]) for task in TASKS}
+            curves[name] = [history[-1].get("learning_curves") or {}]
+        else:
+            curves[name] = [{"leaderboard": [t.intermediate_values[s] for s in sorted(t.intermediate_values)]}]
+        events += [dict(e, run=name) for e in trial_events]
+    board = pd.DataFrame([{"trial": t.number, "value": t.value,
                            **{k: t.params[k] for k in sorted(t.params)[:8]}} for t in trials[:25]])
     intro = (f"<p>Study <b>{html.escape(study.study_name)}</b>: {len(study.trials)} trials, {len(trials)} complete. "
-             f"The {len(best)} best by objective value are shown below.</p>")
+             f"The {len(best)} best by objective value (official leaderboard value on Valid) are shown; target "
+             f"columns come from the official scoring of each trial's Valid prediction file.</p>")
     sections = [("Leaderboard against targets", _target_table(values, "trial") + html_table(board),
                  [targets_figure(values, "Targets of the best trials")]),
                 ("Per-class recall", "", [per_class_figure(values, "Per-class recall of the best trials")])]
     if matrices:
-        sections.append(("Confusion matrices", "", [confusion_figure(matrices, "Best epoch of each trial")]))
+        sections.append(("Confusion matrices", "<p>Best epoch of each trial (Valid).</p>",
+                         [confusion_figure(matrices, "Confusion matrices")]))
     sections.append(("Learning curves", "", [curves_figure(curves, "Learning curves")]))
-    sections.append(("Stability events", "", [events_figure(events, "StabilityGuard events")]))
+    sections.append(("Stability events", f"<p>{len(events)} events.</p>", [events_figure(events, "StabilityGuard events")]))
     return render_page(f"Study {study.study_name}", intro, sections)
 
 
-def _trial_metrics(trial: Any) -> dict[str, float]:
-    metrics = trial.user_attrs.get("metrics")
-    if isinstance(metrics, Mapping):
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    return {k: float(v) for k, v in trial.user_attrs.items() if k.startswith("val/") and isinstance(v, (int, float))}
+def _run_folder(run_dir: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(metrics.jsonl records, events.jsonl events) of a trainer run folder; empty when absent."""
+    import json
+
+    if not run_dir or not Path(run_dir).is_dir():
+        return [], []
+    read = lambda name: [json.loads(line) for line in (Path(run_dir) / name).read_text().splitlines()
+                         if line.strip()] if (Path(run_dir) / name).is_file() else []
+    return read("metrics.jsonl"), read("events.jsonl")
 
 
 def write_study_report(name: str, storage: str, out: Path | str, tracking_uri: str | None = None) -> Path:

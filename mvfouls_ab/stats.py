@@ -86,11 +86,14 @@ def attainable_alpha(n: int, alpha: float) -> float:
 
 
 def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest true mean difference a two-sided paired Wilcoxon test at `alpha` detects with `power`."""
+    """Smallest true mean difference a two-sided paired Wilcoxon test at `alpha` detects with `power`.
+
+    inf: n too small for the exact test to ever reach `alpha`; NaN: no spread (sd 0 or undefined) to size it by.
+    """
     if n < 2 or min_wilcoxon_p(n) > alpha:
         return math.inf
     if sd == 0 or math.isnan(sd):
-        return 0.0 if sd == 0 else math.inf
+        return math.nan   # every pair differs by the same amount (often 0 = 0): no spread to size an effect by
     df = n - 1
     t_crit = stats.t.ppf(1 - attainable_alpha(n, alpha) / 2, df)
 
@@ -191,9 +194,9 @@ def compare(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], contro
         n = len(d)
         sd = float(d.std(ddof=1)) if n > 1 else math.nan
         low, high = bootstrap_ci(x, y, 1 - alpha, n_resamples, seed) if n else (math.nan, math.nan)
-        rows.append(dict(metric=metric, n=n, mean_a=float(x.mean()) if n else math.nan,
-                         mean_b=float(y.mean()) if n else math.nan, diff=float(d.mean()) if n else math.nan,
-                         ci_low=low, ci_high=high, sd_diff=sd, p_value=paired_test(d) if n else math.nan))
+        rows.append({"metric": metric, "n": n, "mean_a": float(x.mean()) if n else math.nan,
+                         "mean_b": float(y.mean()) if n else math.nan, "diff": float(d.mean()) if n else math.nan,
+                         "ci_low": low, "ci_high": high, "sd_diff": sd, "p_value": paired_test(d) if n else math.nan})
     adjusted = holm([r["p_value"] for r in rows])
     m = max(1, int(np.sum(~np.isnan(adjusted))))
     out = []

@@ -81,7 +81,7 @@ def test_experiment_file_errors(tmp_path: Path) -> None:
            "unknown config key": "arms: {a: {}, b: {no_such_knob: 1}}\n",
            "bad control": "control: z\narms: {a: {}, b: {}}\n",
            "bad value": "arms: {a: {}, b: {variant: huge}}\n"}
-    for name, text in bad.items():
+    for text in bad.values():
         p = tmp_path / "ab_bad.yaml"
         p.write_text(text)
         with pytest.raises(ConfigError, match="ab_bad.yaml|variant"):
@@ -101,6 +101,7 @@ def test_every_shipped_experiment_loads() -> None:
         assert len({exp.config_hash(a.name) for a in exp.arms}) == len(exp.arms) or "seeds" in f.name
 
 
+@pytest.mark.slow
 def test_end_to_end_nested_runs_and_resume(setup, capsys) -> None:
     from mlflow import MlflowClient
 
@@ -152,12 +153,15 @@ def test_dead_worker_cell_is_rerun(setup, monkeypatch) -> None:
     store.prepare()
     trial_id, cell = store.claim()
     store.storage.record_heartbeat(trial_id)   # the "dead" worker beat once, then vanished
+    while (other := store.claim()) is not None:  # the other cells finish normally (results made up: not used)
+        store.complete(other[0], 0.5, {"metrics": {}, "arm": other[1].arm})
     time.sleep(3)
     summary = abtest.run_worker(exp, storage, None, tmp / "dead_out")
-    assert cell.key in summary.ran and len(summary.ran) == 4
+    assert summary.ran == [cell.key] and not summary.failed   # only the dead worker's cell is rerun
     assert summary.counts["finished"] == 4 and summary.counts["failed_attempts"] == 1
 
 
+@pytest.mark.slow
 def test_cli_two_workers_share_the_storage(setup) -> None:
     """`--workers 2`: two processes claim cells from one storage; every cell finishes exactly once."""
     import subprocess
@@ -168,7 +172,7 @@ def test_cli_two_workers_share_the_storage(setup) -> None:
     cmd = [sys.executable, "-m", "mvfouls_ab.ab", "--experiment", exp.source, "--seeds", "1", "--storage", storage,
            "--no-mlflow", "--no-report", "--workers", "2", "--out", str(tmp / "par_out"),
            "--set", f"data_root={exp.final['data_root']}", "--set", f"cache_dir={exp.final['cache_dir']}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(complete)" in proc.stdout
     import optuna

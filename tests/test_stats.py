@@ -39,6 +39,7 @@ def test_exact_wilcoxon_levels_and_tiny_designs() -> None:
     assert minimum_detectable_effect(1.0, 25) < minimum_detectable_effect(1.0, 10)
     assert minimum_detectable_effect(2.0, 25) == pytest.approx(2 * minimum_detectable_effect(1.0, 25))
     assert paired_test(np.zeros(10)) == 1.0
+    assert math.isnan(minimum_detectable_effect(0.0, 10))  # no spread: nothing to size an effect by
 
 
 @pytest.mark.parametrize("n", [10, 25])
