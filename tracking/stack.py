@@ -8,9 +8,10 @@
 `up` creates the MLflow and Optuna databases on the PostgreSQL server named by --pg-url (it does not start
 PostgreSQL itself), creates the Optuna schema once (so the dashboard and the workers do not race to create it),
 starts `mlflow server` (PostgreSQL backend store, artifacts served from DIR/mlartifacts), `optuna-dashboard` on the
-Optuna database and N workers (`python -m mvfouls_ab.study`), each in its own process group with its log in
-DIR/logs/, waits until MLflow's /health and the dashboard's /api/meta answer, and records everything in
-DIR/state.json. `down` stops exactly the process groups recorded there (checking each PID still is the process it
+Optuna database and N workers (`python -m mvfouls_ab.study --until TRIALS`), each in its own process group with its
+log in DIR/logs/, waits until MLflow's /health and the dashboard's /api/meta answer, and records everything in
+DIR/state.json. The first worker starts alone; the others start once it has created the study and its MLflow parent
+run (so they join that run and reuse its data/feature caches instead of racing to build them). `down` stops exactly the process groups recorded there (checking each PID still is the process it
 started), `status` reports them. `--workers-only` starts workers against stores that run elsewhere (another machine).
 
 The command lines are built by the functions below; tests/test_compose.py checks that docker-compose.yml runs the
@@ -27,8 +28,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -62,12 +64,16 @@ def dashboard_command(storage: str, host: str = "127.0.0.1", port: int = 8080) -
 
 
 def worker_command(storage: str, tracking_uri: str, study_name: str = STUDY_NAME, trials: int = 50,
-                   profile: str = "cpu", data: str | None = None, out: str | None = None,
+                   profile: str = "cpu", data: str | None = None, out: str | None = None, threads: int = 0,
                    extra: Sequence[str] = ()) -> list[str]:
-    """One study worker; every worker started with the same study name and storage joins the same study."""
+    """One study worker. Every worker started with the same study name and storage joins the same study; each stops
+    once the study has `trials` finished trials in total (--until), so a worker that joins late or restarts after a
+    crash does not add trials of its own."""
     cmd = ["python", "-m", "mvfouls_ab.study",
            "--study-name", study_name, "--storage", storage, "--tracking-uri", tracking_uri,
-           "--trials", str(trials), "--profile", profile]
+           "--until", str(trials), "--profile", profile]
+    if threads:
+        cmd += ["--threads", str(threads)]
     if data:
         cmd += ["--data", data]
     if out:
@@ -248,6 +254,31 @@ def wait_healthy(service: dict, url: str, timeout: float = HEALTH_TIMEOUT_S) -> 
                        f"Fix: read the log; last lines:\n{tail(service['log'])}")
 
 
+def wait_study_ready(storage: str, study_name: str, first_worker: dict, timeout: float = 1800.0) -> None:
+    """Wait until the first worker has created the study and its MLflow parent run (study user attribute
+    `mlflow_parent_run_id`) before starting the others: they then join that run instead of racing to create one,
+    and reuse the data and feature caches it has just filled instead of computing them in parallel."""
+    import optuna
+
+    rdb = optuna.storages.RDBStorage(storage)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if "mlflow_parent_run_id" in rdb.get_study_user_attrs(rdb.get_study_id_from_name(study_name)):
+                    return
+            except KeyError:          # the study does not exist yet
+                pass
+            if not alive(first_worker):
+                raise RuntimeError(f"{first_worker['log']}: the first worker exited before the study was ready. "
+                                   f"Fix: read the log; last lines:\n{tail(first_worker['log'])}")
+            time.sleep(1.0)
+    finally:
+        rdb.remove_session()
+        rdb.engine.dispose()
+    raise RuntimeError(f"{first_worker['log']}: study {study_name!r} not ready after {timeout:.0f} s")
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -289,7 +320,7 @@ def up(directory: Path = DEFAULT_DIR, workers: int = 2, pg_url: str = DEFAULT_PG
     if old and any(alive(s) for s in old["services"]):
         raise SystemExit(f"{state_path(directory)}: a stack started from this folder is still running. "
                          f"Fix: python tracking/stack.py down --dir {directory}")
-    base_env = dict(os.environ if env is None else env)
+    base_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}   # logs line by line
     state: dict[str, Any] = {"dir": str(directory), "created_at": time.time(), "services": [],
                              "databases": [], "pg_url": redact(pg_url)}
     try:
@@ -328,10 +359,12 @@ def up(directory: Path = DEFAULT_DIR, workers: int = 2, pg_url: str = DEFAULT_PG
                 worker_env[var] = str(worker_threads)
         for i in range(workers):
             cmd = worker_command(storage, tracking_uri, study_name, trials, profile, data,
-                                 str(directory / "runs"), worker_args)
+                                 str(directory / "runs"), worker_threads, worker_args)
             state["services"].append(spawn(f"worker-{i + 1}", cmd, directory / "logs" / f"worker-{i + 1}.log",
                                            worker_env))
             write_state(directory, state)
+            if i == 0 and workers > 1:
+                wait_study_ready(storage, study_name, state["services"][-1])
     except BaseException:
         for service in reversed(state["services"]):
             stop(service)
@@ -389,10 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("--mlflow-port", type=int, default=5000)
     p_up.add_argument("--dashboard-port", type=int, default=8080)
     p_up.add_argument("--study-name", default=STUDY_NAME)
-    p_up.add_argument("--trials", type=int, default=50)
+    p_up.add_argument("--trials", type=int, default=50, help="finished trials the study stops at (all workers)")
     p_up.add_argument("--profile", default="cpu", choices=("cpu", "gpu"))
     p_up.add_argument("--data", default=None, help="MVFouls root (default: the synthetic data set)")
-    p_up.add_argument("--worker-threads", type=int, default=0, help="OMP/MKL threads per worker (0: leave)")
+    p_up.add_argument("--worker-threads", type=int, default=0, help="torch (and OMP/MKL) threads per worker (0: cores // 1)")
     p_up.add_argument("--workers-only", action="store_true",
                       help="start only workers, against --storage and --tracking-uri of a stack elsewhere")
     p_up.add_argument("--storage", default=None, help="with --workers-only: the Optuna storage URL")

@@ -1,0 +1,196 @@
+"""The native stack end to end: PostgreSQL, a real `mlflow server`, `optuna-dashboard`, two study workers.
+
+The session fixture `native_stack` (tests/native_stack.py) starts it, kills worker 1 with SIGKILL mid-trial and
+waits for worker 2 to finish the study. These tests read the result through the servers' HTTP APIs (and the Optuna
+storage for what only it knows), then tracking/stack.py's process handling on its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from native_stack import load_stack
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_api(stack, method: str, path: str, **kwargs) -> dict:
+    r = requests.request(method, f"{stack.tracking_uri}/api/2.0/mlflow/{path}", timeout=30, **kwargs)
+    assert r.status_code == 200, f"{path}: {r.status_code} {r.text[:500]}"
+    return r.json()
+
+
+def search_runs(stack, experiment_id: str, filter_string: str = "") -> list[dict]:
+    runs, token = [], None
+    while True:
+        body = {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 1000}
+        if token:
+            body["page_token"] = token
+        page = mlflow_api(stack, "POST", "runs/search", json=body)
+        runs += page.get("runs", [])
+        token = page.get("next_page_token")
+        if not token:
+            return runs
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def history(stack, run_id: str, key: str) -> list[dict]:
+    return mlflow_api(stack, "GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})["metrics"]
+
+
+@pytest.fixture(scope="module")
+def study(native_stack):
+    import optuna
+
+    return optuna.load_study(study_name=native_stack.study_name, storage=native_stack.storage)
+
+
+@pytest.fixture(scope="module")
+def experiment_id(native_stack) -> str:
+    exp = mlflow_api(native_stack, "GET", "experiments/get-by-name",
+                     params={"experiment_name": native_stack.study_name})["experiment"]
+    return exp["experiment_id"]
+
+
+def test_servers_healthy_and_workers_done(native_stack):
+    rows = {r["name"]: r for r in native_stack.module.status(native_stack.directory)}
+    assert set(rows) == {"mlflow", "optuna-dashboard", "worker-1", "worker-2"}
+    for name in ("mlflow", "optuna-dashboard"):
+        assert rows[name]["running"] and rows[name]["healthy"], name
+    assert not rows["worker-1"]["running"] and not rows["worker-2"]["running"]
+    assert requests.get(f"{native_stack.tracking_uri}/health", timeout=10).text.strip() == "OK"
+    print(f"stack up, study with a killed worker done in {native_stack.elapsed_s:.0f} s")
+
+
+def test_study_ends_with_the_requested_finished_trials(native_stack, study):
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # --until: each worker stops once the study has TRIALS finished trials; one still running may add one more
+    assert native_stack.trials <= len(finished) <= native_stack.trials + 1
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for t in finished:
+        assert t.state == TrialState.COMPLETE and t.value is not None
+        assert sorted(t.intermediate_values) == list(range(native_stack.epochs_per_trial)) or \
+            t.system_attrs.get("retry_history")
+
+
+def test_killed_trial_resumed_from_its_checkpoint(native_stack, study, experiment_id):
+    from optuna.trial import TrialState
+
+    killed = study.trials[native_stack.killed_trial]
+    assert killed.state == TrialState.FAIL, "the stale heartbeat marks the killed worker's trial failed"
+    retries = [t for t in study.trials if (t.system_attrs.get("retry_history") or [None])[0] == killed.number]
+    assert len(retries) == 1, [t.system_attrs for t in study.trials]
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    # same run folder (so the same checkpoint) and the same MLflow run
+    assert retry.user_attrs["run_dir"] == killed.user_attrs["run_dir"]
+    assert retry.user_attrs["mlflow_run_id"] == killed.user_attrs["mlflow_run_id"]
+    # it continued after the checkpointed epochs instead of starting over at epoch 0
+    steps = sorted(retry.intermediate_values)
+    assert steps[0] >= native_stack.killed_after >= 1, steps
+    assert steps[-1] == native_stack.epochs_per_trial - 1
+    run = mlflow_api(native_stack, "GET", "runs/get", params={"run_id": retry.user_attrs["mlflow_run_id"]})["run"]
+    assert run["info"]["status"] == "FINISHED"
+    assert tags(run)["retry_of_trial"] == str(killed.number)
+    logged = {m["step"] for m in history(native_stack, run["info"]["run_id"], "val/leaderboard")}
+    assert set(range(native_stack.killed_after, native_stack.epochs_per_trial)) <= logged
+
+
+def test_no_mlflow_run_left_running(native_stack, experiment_id):
+    runs = search_runs(native_stack, experiment_id)
+    assert runs
+    assert [r["info"]["run_name"] for r in runs if r["info"]["status"] == "RUNNING"] == []
+    assert search_runs(native_stack, experiment_id, "attributes.status = 'RUNNING'") == []
+
+
+def test_mlflow_lists_nested_trial_runs_with_step_metrics_and_confusion_matrices(native_stack, study,
+                                                                                 experiment_id):
+    from optuna.trial import TrialState
+
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    runs = search_runs(native_stack, experiment_id)
+    children = {r["info"]["run_id"]: r for r in runs if tags(r).get("mlflow.parentRunId") == parent_id}
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert {t.user_attrs["mlflow_run_id"] for t in complete} <= set(children)
+    for t in complete:
+        run = children[t.user_attrs["mlflow_run_id"]]
+        assert run["info"]["status"] == "FINISHED"
+        assert tags(run)["variant"] == t.params["variant"] and tags(run)["optuna.trial_number"] in (
+            str(t.number), str((t.system_attrs.get("retry_history") or [None])[0]))
+        for key in ("val/action/macro_recall", "val/severity/recall/red_card", "val/leaderboard", "train/loss",
+                    "val/loss"):
+            steps = sorted(m["step"] for m in history(native_stack, run["info"]["run_id"], key))
+            assert set(steps) == set(range(native_stack.epochs_per_trial)), (key, steps)
+        listed = mlflow_api(native_stack, "GET", "artifacts/list",
+                            params={"run_id": run["info"]["run_id"], "path": "confusion"})["files"]
+        names = {Path(f["path"]).name for f in listed}
+        # a retried trial's run holds the epochs run after the resume for sure (what the killed worker had not
+        # sent yet died with it); every other run holds all of them
+        first = native_stack.killed_after if t.system_attrs.get("retry_history") else 0
+        expected = {f"epoch_{step:03d}.json" for step in range(first, native_stack.epochs_per_trial)}
+        assert expected | {"best.html"} <= names, names
+        r = requests.get(f"{native_stack.tracking_uri}/get-artifact", timeout=30,
+                         params={"run_uuid": run["info"]["run_id"], "path": f"confusion/epoch_{first:03d}.json"})
+        assert r.status_code == 200
+        cms = r.json()
+        assert len(cms["action"]) == 8 and all(len(row) == 8 for row in cms["action"])
+        assert len(cms["severity"]) == 4 and sum(map(sum, cms["severity"])) > 0
+    # the artifacts were uploaded through the server (--serve-artifacts) into the stack's folder
+    assert any((native_stack.directory / "mlartifacts").rglob("epoch_000.json"))
+
+
+def test_dashboard_api_lists_the_study_and_its_trials(native_stack, study):
+    r = requests.get(f"{native_stack.dashboard_url}/api/studies", timeout=30)
+    assert r.status_code == 200
+    summaries = {s["study_name"]: s for s in r.json()["study_summaries"]}
+    assert native_stack.study_name in summaries
+    study_id = summaries[native_stack.study_name]["study_id"]
+    detail = requests.get(f"{native_stack.dashboard_url}/api/studies/{study_id}", params={"after": 0}, timeout=30)
+    assert detail.status_code == 200
+    served = {t["number"]: t["state"] for t in detail.json()["trials"]}
+    assert served == {t.number: t.state.name.capitalize() for t in study.trials}
+    assert "Fail" in served.values() and "Complete" in served.values()
+
+
+def test_stop_ends_exactly_the_recorded_process_groups(tmp_path):
+    """down() kills each recorded process group (children included) and nothing else, not even a reused PID."""
+    stack = load_stack()
+    directory = tmp_path / "stack"
+    # a service whose shell starts a child in its process group
+    service = stack.spawn("svc", ["sh", "-c", "sleep 120 & wait"], directory / "logs" / "svc.log")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        # a record whose PID now belongs to another process (the bystander) must be left alone
+        reused = {"name": "old", "pid": bystander.pid, "pgid": bystander.pid, "start_ticks": 1, "cmd": [],
+                  "log": str(directory / "logs" / "old.log")}
+        stack.write_state(directory, {"dir": str(directory), "services": [reused, service], "databases": []})
+        time.sleep(0.3)
+        assert [r["running"] for r in stack.status(directory)] == [False, True]
+        children = subprocess.run(["pgrep", "-g", str(service["pgid"])], capture_output=True, text=True,
+                                  check=False).stdout.split()
+        assert len(children) >= 2
+        assert stack.main(["status", "--dir", str(directory)]) == 0
+        assert stack.down(directory, timeout=5) == ["svc"]
+        assert not stack._group_exists(service["pgid"])
+        assert bystander.poll() is None, "a process the stack did not start was killed"
+        assert stack.main(["status", "--dir", str(directory)]) == 1
+        assert json.loads((directory / "state.json").read_text())["services"][1]["name"] == "svc"
+        assert oct((directory / "state.json").stat().st_mode & 0o777) == "0o600"
+    finally:
+        bystander.send_signal(signal.SIGKILL)
+        bystander.wait()
+        if stack._group_exists(service["pgid"]):
+            os.killpg(service["pgid"], signal.SIGKILL)
