@@ -65,11 +65,21 @@ def check_tracking_uri(uri: str) -> str:
         raise StudyError(located("--tracking-uri", f"{uri!r} has no host", "write http://HOST:PORT"))
     if scheme in ("http", "https"):
         try:
-            parsed.port
+            _ = parsed.port
         except ValueError:
             raise StudyError(located("--tracking-uri", f"{uri!r} has an invalid port",
                                      "write http://HOST:PORT with a numeric port")) from None
     return uri
+
+
+def normalize_db_url(url: str) -> str:
+    """postgresql://... -> postgresql+psycopg2://... when psycopg (v3), SQLAlchemy 2.1's default driver, is absent."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
 
 
 def make_client(uri: str):
@@ -78,7 +88,7 @@ def make_client(uri: str):
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    return MlflowClient(tracking_uri=check_tracking_uri(uri))
+    return MlflowClient(tracking_uri=normalize_db_url(check_tracking_uri(uri)))
 
 
 def get_or_create_experiment(client, name: str) -> str:
@@ -98,7 +108,7 @@ def get_or_create_experiment(client, name: str) -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=5, check=False)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -290,6 +300,9 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> None:
         client.log_batch(state.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["values"].items()])
     elif kind == "text":
         client.log_text(state.run_id, op["text"], op["file"])
+    elif kind == "figure":
+        fig = FIGURES[op["kind"]](**op["data"])
+        client.log_text(state.run_id, fig.to_html(include_plotlyjs="cdn", full_html=True), op["file"])
     elif kind == "artifact":
         if Path(op["path"]).exists():
             client.log_artifact(state.run_id, op["path"], op.get("artifact_path"))
@@ -321,7 +334,9 @@ class RunTracker:
         self.client = client or make_client(tracking_uri)
         spill = Path(run_dir) / SPILL_NAME if run_dir else None
         self.logger = RunLogger(self.client, spill)
-        if resume_run_id:
+        if resume_run_id:       # the id is known at once; the RUNNING status is sent in order with the rest
+            self.logger.run_id = resume_run_id
+            self.logger.created.set()
             self.logger.submit({"op": "resume", "run_id": resume_run_id})
         else:
             self.logger.submit({"op": "create", "experiment": experiment, "run_name": run_name,
@@ -348,6 +363,11 @@ class RunTracker:
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.logger.submit({"op": "text", "file": artifact_file, "text": json.dumps(data, indent=1, default=_plain)})
+
+    def log_plot(self, kind: str, artifact_file: str, **data: Any) -> None:
+        """A figure of FIGURES[kind] built from plain data by the background thread (not the training thread)."""
+        self.logger.submit({"op": "figure", "kind": kind, "file": artifact_file,
+                            "data": json.loads(json.dumps(data, default=_plain))})
 
     def log_figure(self, fig, artifact_file: str) -> None:
         """A plotly figure as a standalone HTML artifact (plotly.js from the CDN, like mlflow.log_figure)."""
@@ -387,8 +407,8 @@ def _plain(v: Any) -> Any:
 # ---- figures ------------------------------------------------------------------------------------------------
 def confusion_figure(matrices: Mapping[str, Any], title: str):
     """Side-by-side heatmaps of the confusion matrices (rows = true class, columns = predicted)."""
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     keys = list(matrices)
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=keys, horizontal_spacing=0.15)
@@ -412,8 +432,8 @@ def _class_names(key: str, n: int) -> list[str]:
 
 def learning_curves_figure(history: list[dict[str, float]], title: str = "Learning curves"):
     """Losses, leaderboard and macro recalls per epoch, from the logged metric dicts."""
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     groups = {"loss": ["train/loss", "val/loss"],
               "scores": ["val/leaderboard", "val/action/macro_recall", "val/severity/macro_recall",
@@ -444,8 +464,8 @@ def class_distribution(data) -> dict[str, dict[str, list[int]]]:
 
 
 def class_distribution_figure(dist: Mapping[str, Mapping[str, list[int]]]):
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("action", "severity"))
     for split, tasks in dist.items():
@@ -453,6 +473,11 @@ def class_distribution_figure(dist: Mapping[str, Mapping[str, list[int]]]):
             fig.add_trace(go.Bar(x=list(names), y=tasks[task], name=f"{split} {task}"), row=1, col=col)
     fig.update_layout(title="Class distribution", barmode="group", width=1200, height=450)
     return fig
+
+
+FIGURES = {"confusion": lambda matrices, title: confusion_figure(matrices, title),
+           "learning_curves": lambda history, title="Learning curves": learning_curves_figure(history, title),
+           "class_distribution": lambda dist: class_distribution_figure(dist)}
 
 
 # ---- the training sink --------------------------------------------------------------------------------------
@@ -486,25 +511,47 @@ class MLflowSink:
         self.last = record
         self.log_s += time.perf_counter() - t0
 
+    def backfill(self, records: list) -> int:
+        """Log the records of a resumed run that MLflow does not have yet (a worker killed after writing an epoch's
+        checkpoint but before its metrics were sent). Steps already in the run are skipped, so nothing repeats."""
+        if not records or not self.tracker.wait_run_id(30.0):
+            return 0
+        key = f"{records[0].split}/leaderboard"
+        try:
+            have = {m.step for m in self.tracker.client.get_metric_history(self.tracker.run_id, key)}
+        except Exception as exc:  # noqa: BLE001 - unreachable server: log everything again rather than lose it
+            log.warning("MLflow history of %s unavailable (%s); re-sending resumed epochs", self.tracker.run_id, exc)
+            have = set()
+        missing = [r for r in records if int(r.step) not in have]
+        for rec in missing:
+            self.tracker.log_metrics(rec.to_mlflow(), step=int(rec.step))
+        if records:
+            self.history = [{**r.to_mlflow(), "_step": int(r.step)} for r in records]
+            self.last = records[-1]
+        return len(missing)
+
     def _phase_end(self, record) -> None:
         cms = getattr(record, "confusion_matrices", None) or {}
         if cms:
-            self.tracker.log_figure(confusion_figure(cms, f"{record.phase}: epoch {record.epoch}"),
-                                    f"confusion/{_slug(record.phase)}_end.html")
+            self.tracker.log_plot("confusion", f"confusion/{_slug(record.phase)}_end.html",
+                                  matrices={k: np.asarray(v).tolist() for k, v in cms.items()},
+                                  title=f"{record.phase}: epoch {record.step + 1}")
         if self.history:
-            self.tracker.log_figure(learning_curves_figure(self.history), "learning_curves.html")
+            self.tracker.log_plot("learning_curves", "learning_curves.html", history=self.history)
 
     def log_result(self, result) -> None:
         """The run's final artifacts: best epoch confusion HTML, best/... metrics, predictions, checkpoint."""
         best = getattr(result, "best", None)
         if best is not None:
-            self.tracker.log_metrics({f"best/{k}": v for k, v in best.to_mlflow().items()}, step=int(best.step))
-            self.tracker.set_tags({"best_epoch": best.epoch, "best_phase": best.phase})
+            step = int(best.step)
+            self.tracker.log_metrics({f"best/{k}": v for k, v in best.to_mlflow().items()}, step=step)
+            self.tracker.set_tags({"best_epoch": step + 1, "best_phase": best.phase})
             cms = getattr(best, "confusion_matrices", None) or {}
             if cms:
-                self.tracker.log_figure(confusion_figure(cms, f"best epoch {best.epoch} ({best.phase})"),
-                                        "confusion/best.html")
-        for split, path in (getattr(result, "predictions", None) or {}).items():
+                self.tracker.log_plot("confusion", "confusion/best.html",
+                                      matrices={k: np.asarray(v).tolist() for k, v in cms.items()},
+                                      title=f"best epoch {step + 1} ({best.phase})")
+        for path in (getattr(result, "predictions", None) or {}).values():
             self.tracker.log_artifact(path, "predictions")
         checkpoint = getattr(result, "checkpoint", None)
         if checkpoint:

@@ -79,3 +79,10 @@ def make_tiny_dataset(root: Path | str, n_per_split: int = 8, seed: int = 0, *, 
 def tiny_mvfouls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MVFouls data set shared by the whole session (read-only: copy it before changing anything)."""
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny_mvfouls"))
+
+
+# The native tracking stack (tracking/stack.py), shared by tests/test_stack.py and tests/test_notebooks.py.
+from native_stack import native_stack  # noqa: E402,F401
+
+# Real PostgreSQL databases and `mlflow server` subprocesses for the tracking and study tests (tests/pg.py).
+from pg import mlflow_pg_server, mlflow_sqlite_server, pg_url  # noqa: E402,F401

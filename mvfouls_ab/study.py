@@ -1,0 +1,702 @@
+"""The Optuna study, the product's main job: ``python -m mvfouls_ab.study --trials 50``.
+
+Each trial: TrainingConfig = profile <- search space ``fixed`` <- suggested ``params``; the three-phase Trainer runs
+with three sinks (MLflow child run, Optuna pruning, console line); the objective is the official leaderboard value
+(percent) on Valid scored from the trial's official prediction file. The design's targets are Optuna constraints
+(``trial.set_constraint`` per target, Optuna 5's replacement of ``TPESampler(constraints_func=...)``; each trial also
+stores its Valid/Test summary in the ``summary`` user attribute), so TPE treats trials that miss a target as
+infeasible (ranked by how far they miss) and models the good region from feasible, high-leaderboard trials.
+``trial.report`` every epoch (the leaderboard in percent) drives the pruner (median | hyperband | none).
+
+Storage: ``--storage`` defaults to ``sqlite:///optuna.db`` (working directory). Every RDB storage gets a heartbeat
+(``--heartbeat`` seconds, grace period 2x) with ``RetryHeartbeatStaleTrialCallback`` (the Optuna 5 name of
+``RetryFailedTrialCallback``): a worker killed mid-trial leaves a trial whose heartbeat stops; the next worker that
+starts a trial marks it FAIL and enqueues a retry with the same parameters. The retry finds the original's run
+folder (``<out>/<study>/trial_<original number>``, from ``retry_history``) and its MLflow run (inherited user
+attribute), so the Trainer resumes from that trial's last epoch checkpoint and logging continues in the same run.
+
+Workers: start the same command with the same ``--study-name`` and ``--storage`` on several machines or shells, or
+pass ``--workers N`` to start N processes here (torch threads per worker = cores // N unless ``--threads``).
+``--trials`` counts the trials of this invocation across all its workers (finished = COMPLETE or PRUNED); a
+running worker finishes its current trial, so a few more may finish. Use PostgreSQL (``postgresql://...``) for many
+workers; SQLite works for one or two on one machine.
+
+At the end the ranking (ranking.py) is printed, saved as CSV and logged with Optuna's plots (history, parameter
+importances, parallel coordinates) to the study's MLflow parent run, and the commands to look further are printed.
+Errors a user can cause (unknown search-space keys, malformed or unreachable storage, bad tracking URI) print one
+``StudyError`` line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import yaml
+
+from . import ranking
+from .config import FIELD_TYPES, PROFILES, TrainingConfig, coerce
+from .errors import ConfigError, MVFoulsError, StudyError, located
+from .tracking import (
+    DEFAULT_TRACKING_URI,
+    MLflowSink,
+    RunTracker,
+    check_tracking_uri,
+    data_fingerprint,
+    git_commit,
+    normalize_db_url,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+DEFAULT_SEARCH_SPACE_FILE = Path(__file__).resolve().parent.parent / "experiments" / "search_space.yaml"
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
+PRUNERS = ("median", "hyperband", "none")
+
+# The default search space (experiments/search_space.yaml holds the same; tests/test_study.py keeps them equal).
+DEFAULT_SEARCH_SPACE: dict[str, Any] = {
+    "fixed": {"num_phases": 3, "scheduler": "cosine", "curriculum_score": "loss", "posthoc_adjust": True},
+    "params": {
+        "variant": {"type": "categorical", "choices": ["simplified", "progressive", "optimized", "baseline"]},
+        "complexity_level": {"type": "int", "low": 1, "high": 3, "when": {"variant": "progressive"}},
+        "progressive_grow": {"type": "categorical", "choices": [True, False], "when": {"variant": "progressive"}},
+        "hidden_dim": {"type": "categorical", "choices": [128, 256]},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.4, "step": 0.1},
+        "phase1_epochs": {"type": "int", "low": 2, "high": 6},
+        "phase2_epochs": {"type": "int", "low": 3, "high": 10},
+        "phase3_epochs": {"type": "int", "low": 2, "high": 8},
+        "phase1_lr": {"type": "float", "low": 3.0e-4, "high": 1.0e-2, "log": True},
+        "phase2_lr": {"type": "float", "low": 1.0e-4, "high": 5.0e-3, "log": True},
+        "phase3_lr": {"type": "float", "low": 3.0e-5, "high": 2.0e-3, "log": True},
+        "max_weight_phase1": {"type": "float", "low": 1.0, "high": 2.0},
+        "max_weight_phase2": {"type": "float", "low": 1.5, "high": 5.0},
+        "max_weight_phase3": {"type": "float", "low": 2.0, "high": 10.0},
+        "sampler_phase2": {"type": "categorical", "choices": ["none", "sqrt", "balanced", "progressive"]},
+        "sampler_phase3": {"type": "categorical", "choices": ["none", "sqrt", "balanced"]},
+        "curriculum": {"type": "categorical", "choices": [True, False]},
+        "curriculum_pacing": {"type": "categorical", "choices": ["linear", "root", "step"],
+                              "when": {"curriculum": True}},
+        "curriculum_start": {"type": "float", "low": 0.2, "high": 0.8, "step": 0.1, "when": {"curriculum": True}},
+        "loss": {"type": "categorical",
+                 "choices": ["weighted_ce", "focal", "logit_adjusted", "balanced_softmax", "ldam"]},
+        "focal_gamma": {"type": "float", "low": 0.5, "high": 3.0, "when": {"loss": "focal"}},
+        "la_tau": {"type": "float", "low": 0.5, "high": 1.5, "when": {"loss": "logit_adjusted"}},
+        "ldam_max_margin": {"type": "float", "low": 0.2, "high": 0.8, "when": {"loss": "ldam"}},
+        "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2, "step": 0.05},
+        "posthoc_tau_max": {"type": "categorical", "choices": [0.0, 1.0, 2.0]},
+    },
+}
+_SPEC_KEYS = {"categorical": {"choices"}, "int": {"low", "high", "step", "log"},
+              "float": {"low", "high", "step", "log"}}
+
+
+# ---- search space -------------------------------------------------------------------------------------------
+def validate_search_space(space: Any, source: str = "search space") -> dict[str, Any]:
+    """Check every key against TrainingConfig and every distribution; return {'fixed': {...}, 'params': {...}}."""
+    if not isinstance(space, dict):
+        raise StudyError(located(source, "top level must be a mapping with 'fixed' and 'params'",
+                                 "see experiments/search_space.yaml"))
+    space = {k: v for k, v in space.items() if k != "description"}
+    extra = set(space) - {"fixed", "params"}
+    if extra:
+        raise StudyError(located(source, f"unknown top-level key(s) {', '.join(sorted(extra))}",
+                                 "use only 'fixed' and 'params' (and 'description')"))
+    fixed = dict(space.get("fixed") or {})
+    params = dict(space.get("params") or {})
+    for name in list(fixed) + list(params):
+        if name not in FIELD_TYPES:
+            raise StudyError(located(source, f"unknown search-space key {name!r} (not a TrainingConfig field)",
+                                     "use TrainingConfig field names, e.g. phase1_lr, max_weight_phase2, variant"))
+    try:
+        fixed = {k: coerce(k, v, source) for k, v in fixed.items()}
+    except ConfigError as exc:
+        raise StudyError(str(exc)) from None
+    seen: list[str] = []
+    for name, spec in params.items():
+        where = f"{source}, params.{name}"
+        if not isinstance(spec, dict) or spec.get("type") not in _SPEC_KEYS:
+            raise StudyError(located(where, "needs type: categorical | int | float",
+                                     "write e.g. {type: float, low: 1e-4, high: 1e-2, log: true}"))
+        kind = spec["type"]
+        unknown = set(spec) - _SPEC_KEYS[kind] - {"type", "when"}
+        if unknown:
+            raise StudyError(located(where, f"unknown option(s) {', '.join(sorted(unknown))} for type {kind}",
+                                     f"use {', '.join(sorted(_SPEC_KEYS[kind] | {'when'}))}"))
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise StudyError(located(where, "categorical needs a non-empty 'choices' list", "add choices: [...]"))
+            try:
+                for c in choices:
+                    coerce(name, c, where)
+            except ConfigError as exc:
+                raise StudyError(str(exc)) from None
+        else:
+            if "low" not in spec or "high" not in spec or not spec["low"] <= spec["high"]:
+                raise StudyError(located(where, "needs numeric low <= high", "write low: A, high: B"))
+        for key in (spec.get("when") or {}):
+            if key not in seen:
+                raise StudyError(located(where, f"'when' refers to {key!r}, which is not suggested before it",
+                                         "list the parameter it depends on earlier in params"))
+        seen.append(name)
+    return {"fixed": fixed, "params": params}
+
+
+def load_search_space(path: str | Path | None) -> dict[str, Any]:
+    """The YAML file's space, or DEFAULT_SEARCH_SPACE when path is None."""
+    if path is None:
+        return validate_search_space(copy.deepcopy(DEFAULT_SEARCH_SPACE), "DEFAULT_SEARCH_SPACE")
+    p = Path(path)
+    if not p.is_file():
+        raise StudyError(located(p, "search-space file not found", "pass an existing YAML, e.g. "
+                                 "experiments/search_space.yaml"))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise StudyError(located(p, f"not valid YAML ({exc})", "fix the YAML syntax")) from None
+    return validate_search_space(data, str(p))
+
+
+def suggest(trial: Any, space: dict[str, Any], base: TrainingConfig | None = None) -> dict[str, Any]:
+    """TrainingConfig overrides for one trial: fixed values, then each parameter whose 'when' holds."""
+    base = base or TrainingConfig()
+    values = dict(space["fixed"])
+    for name, spec in space["params"].items():
+        cond = spec.get("when") or {}
+        if any(values.get(k, getattr(base, k)) not in (v if isinstance(v, list) else [v])
+               for k, v in cond.items()):
+            continue
+        kind = spec["type"]
+        if kind == "categorical":
+            values[name] = trial.suggest_categorical(name, spec["choices"])
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
+                                             log=bool(spec.get("log", False)))
+        else:
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                               step=spec.get("step"), log=bool(spec.get("log", False)))
+    return values
+
+
+def max_epochs(space: dict[str, Any], base: TrainingConfig) -> int:
+    """Largest total number of epochs a trial of this space can run (the Hyperband max resource)."""
+    total = 0
+    for i in (1, 2, 3):
+        key = f"phase{i}_epochs"
+        spec = space["params"].get(key)
+        total += int(spec["high"]) if spec and spec["type"] == "int" else int(space["fixed"].get(key, getattr(base, key)))
+    return total
+
+
+# ---- Optuna pieces ------------------------------------------------------------------------------------------
+def check_storage_url(url: str) -> str:
+    parsed = urlparse(url)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme not in STORAGE_SCHEMES or (scheme == "sqlite" and not url.startswith("sqlite:///")):
+        raise StudyError(located("--storage", f"{url!r} is not a storage URL this tool supports",
+                                 "use sqlite:///optuna.db or postgresql://USER@HOST:PORT/DB"))
+    if scheme != "sqlite":
+        try:
+            _ = parsed.port
+        except ValueError:
+            raise StudyError(located("--storage", f"{url!r} has an invalid port",
+                                     "write postgresql://USER@HOST:PORT/DB with a numeric port")) from None
+        if not parsed.hostname or not parsed.path.strip("/"):
+            raise StudyError(located("--storage", f"{url!r} needs a host and a database name",
+                                     "write postgresql://USER@HOST:PORT/DB"))
+    return url
+
+
+def make_storage(url: str, heartbeat: int = 10):
+    """RDBStorage with a heartbeat and automatic retry of trials whose worker died."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    check_storage_url(url)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs["connect_args"] = {"connect_timeout": 5}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(normalize_db_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                              grace_period=2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                  max_retry=3, inherit_intermediate_values=True))
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy OperationalError / ArgumentError / missing driver
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StudyError(located("--storage", f"cannot open storage {url!r} ({type(exc).__name__}: {first})",
+                                 "start the database server / create the database, or use sqlite:///optuna.db"
+                                 )) from None
+
+
+def make_pruner(name: str, max_resource: int):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max(max_resource, 3), reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise StudyError(located("--pruner", f"unknown pruner {name!r}", f"use one of {', '.join(PRUNERS)}"))
+
+
+def make_sampler(seed: int, worker: int = 0):
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed + 1000 * worker, multivariate=True, group=True,
+                                          n_startup_trials=10)
+
+
+def set_constraints(trial: Any, valid: dict[str, Any]) -> None:
+    """The design's targets on Valid as Optuna constraints (<= 0 feasible), read by TPESampler's feasibility split."""
+    for target, value in zip(ranking.TARGETS, ranking.constraint_values(valid)):
+        trial.set_constraint(target.name, value)
+
+
+class OptunaSink:
+    """Sink: reports the Valid leaderboard (percent) every epoch and raises optuna.TrialPruned when told to."""
+
+    def __init__(self, trial: Any) -> None:
+        self.trial = trial
+
+    def log(self, record: Any) -> None:
+        import optuna
+
+        self.trial.report(100.0 * float(record.leaderboard), int(record.step))
+        if self.trial.should_prune():
+            valid = ranking.record_summary(record)
+            self.trial.set_user_attr("summary", {"valid": valid})
+            set_constraints(self.trial, valid)
+            self.trial.set_user_attr("epochs_done", int(record.step) + 1)
+            raise optuna.TrialPruned(f"pruned at epoch {record.step + 1}")
+
+    def close(self) -> None:
+        return None
+
+
+# ---- the objective ------------------------------------------------------------------------------------------
+@dataclass
+class StudyContext:
+    name: str
+    base: TrainingConfig
+    space: dict[str, Any]
+    out: Path
+    tracking_uri: str
+    parent_run_id: str | None
+    data: Any
+    fingerprint: str
+    commit: str
+    quiet: bool = False
+    extra_sinks: list[Any] = field(default_factory=list)
+
+
+def trial_run_dir(ctx: StudyContext, trial: Any) -> tuple[Path, int | None]:
+    """<out>/trial_<n>, where n is the original trial's number for a retried trial (so it finds the checkpoint)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    frozen = trial.study._storage.get_trial(trial._trial_id)   # Optuna 5's Trial does not expose system_attrs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+    root = history[0] if history else None
+    return ctx.out / f"trial_{(root if root is not None else trial.number):04d}", root
+
+
+def objective(trial: Any, ctx: StudyContext) -> float:
+    import optuna
+
+    from .monitoring import ConsoleSink
+    from .training.phases import phase_plan
+    from .training.trainer import Trainer
+
+    cfg = ctx.base.replace(**suggest(trial, ctx.space, ctx.base))
+    run_dir, retry_of = trial_run_dir(ctx, trial)
+    if retry_of is None and run_dir.exists():   # left over from an earlier study of the same name
+        shutil.rmtree(run_dir)
+    plan = phase_plan(cfg)
+    resume_run = trial.user_attrs.get("mlflow_run_id") if retry_of is not None else None
+    tags = {"optuna.study": ctx.name, "optuna.trial_number": trial.number, "variant": cfg.variant,
+            "complexity_level": cfg.complexity_level, "phase_plan": " -> ".join(f"{p.name}({p.epochs})" for p in plan),
+            "data_fingerprint": ctx.fingerprint, "git_commit": ctx.commit, "run_dir": str(run_dir)}
+    if retry_of is not None:
+        tags["retry_of_trial"] = retry_of
+    tracker = RunTracker(ctx.tracking_uri, ctx.name, f"trial-{trial.number:04d}", tags=tags,
+                         parent_run_id=ctx.parent_run_id, run_dir=run_dir, resume_run_id=resume_run)
+    if resume_run:
+        tracker.set_tags(tags)
+    tracker.log_params(cfg.flat())
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    run_id = tracker.wait_run_id(timeout=5.0)
+    if run_id:
+        trial.set_user_attr("mlflow_run_id", run_id)
+    mlflow_sink = MLflowSink(tracker)
+    if retry_of is not None:
+        resumed = checkpointed_records(run_dir)
+        mlflow_sink.backfill(resumed)
+        for rec in resumed:          # the retry carries the whole learning curve (the pruner sees it all)
+            if int(rec.step) not in trial.study._storage.get_trial(trial._trial_id).intermediate_values:
+                trial.report(100.0 * float(rec.leaderboard), int(rec.step))
+    sinks: list[Any] = [mlflow_sink, OptunaSink(trial), *ctx.extra_sinks]
+    if not ctx.quiet:
+        sinks.append(ConsoleSink(total_epochs=sum(p.epochs for p in plan), file=sys.stdout, progress=False,
+                                 phase_epochs={p.name: p.epochs for p in plan}))
+    print(f"trial {trial.number}{f' (retry of {retry_of})' if retry_of is not None else ''}: {cfg.variant} | "
+          f"{tags['phase_plan']} | loss {cfg.loss} | run folder {run_dir}", flush=True)
+    try:
+        result = Trainer(cfg, ctx.data, sinks, run_dir, resume=True).run()
+    except optuna.TrialPruned:
+        tracker.set_tags({"pruned": "true"})
+        tracker.end("KILLED")
+        _late_run_id(trial, tracker)
+        raise
+    except BaseException as exc:
+        tracker.end("FAILED", exc, flush_timeout=10.0)
+        _late_run_id(trial, tracker)
+        raise
+    summary = trial_summary(result, ctx.data)
+    trial.set_user_attr("summary", summary)
+    set_constraints(trial, summary["valid"])
+    trial.set_user_attr("epochs_done", len(result.history))
+    trial.set_user_attr("predictions", {k: str(v) for k, v in result.predictions.items()})
+    trial.set_user_attr("annotations", {"valid": str(ctx.data.valid.annotations_path),
+                                        "test": str(ctx.data.test.annotations_path)})
+    mlflow_sink.log_result(result)
+    tracker.log_metrics({f"summary/{split}/{k}": v for split, s in summary.items() for k, v in s.items()
+                         if isinstance(v, (int, float)) and v is not None}, step=len(result.history))
+    passed = ranking.checks(summary["valid"])
+    tracker.set_tags({"targets_met_valid": f"{sum(passed.values())}/{len(passed)}",
+                      "all_targets_valid": all(passed.values())})
+    tracker.end("FINISHED")
+    _late_run_id(trial, tracker)
+    return float(result.official["valid"]["leaderboard_value"])
+
+
+def checkpointed_records(run_dir: Path) -> list[Any]:
+    """The DetailedMetrics records the Trainer wrote with its last checkpoint (run_dir/metrics.jsonl)."""
+    import json
+
+    from .metrics import DetailedMetrics
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [DetailedMetrics.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _late_run_id(trial: Any, tracker: RunTracker) -> None:
+    if tracker.run_id and trial.user_attrs.get("mlflow_run_id") != tracker.run_id:
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+
+
+def trial_summary(result: Any, data: Any) -> dict[str, dict[str, Any]]:
+    """Targets' inputs on Valid and Test, scored from the trial's official prediction files."""
+    from .evaluate import detailed_report
+
+    out = {}
+    for split, sa in (("valid", data.valid), ("test", data.test)):
+        report = detailed_report(sa.annotations_path, result.predictions[split])
+        loss = float(result.best.val_loss) if split == "valid" else _ce_loss(result.logits.get(split), sa)
+        out[split] = ranking.split_summary(report, loss)
+    return out
+
+
+def _ce_loss(logits: dict[str, np.ndarray] | None, split: Any) -> float | None:
+    """Unweighted cross-entropy, summed over both tasks, of the final logits (for the Test loss target)."""
+    if not logits:
+        return None
+    import torch
+    import torch.nn.functional as F
+
+    targets = split.targets()
+    total = 0.0
+    for task in ("action", "severity"):
+        y = torch.as_tensor(targets[task])
+        keep = y >= 0
+        total += float(F.cross_entropy(torch.as_tensor(logits[task], dtype=torch.float32)[keep], y[keep]))
+    return total
+
+
+# ---- study orchestration ------------------------------------------------------------------------------------
+def build_base_config(args: argparse.Namespace, space: dict[str, Any]) -> TrainingConfig:
+    base = TrainingConfig().replace(**PROFILES[args.profile])
+    changes: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
+    if args.data:
+        changes["data_root"] = str(Path(args.data).expanduser().resolve())
+    if os.environ.get("MVFOULS_AB_CACHE"):
+        changes["cache_dir"] = os.environ["MVFOULS_AB_CACHE"]
+    try:
+        base = base.replace(**changes)
+        if args.set:
+            from .config import load_config
+
+            base = load_config(None, args.set, base=base)
+        base.replace(**space["fixed"])   # validate the fixed part once
+    except ConfigError as exc:
+        raise StudyError(str(exc)) from None
+    return base
+
+
+def prepare_data(cfg: TrainingConfig) -> Any:
+    """Load the data once per worker; compute and cache frozen features before any trial (and before workers)."""
+    from .data.dataset import load_data
+
+    data = load_data(cfg)
+    if cfg.feature_mode == "frozen":
+        from .models.features import load_features
+
+        for split in data.splits().values():
+            load_features(cfg, split, data.cache, progress=False)
+    return data
+
+
+def parent_run(study: Any, args: argparse.Namespace, ctx_tags: dict[str, Any]) -> RunTracker:
+    """The study's parent run: created once and linked from the study's user attrs; joined by later workers."""
+    from .tracking import make_client
+
+    client = make_client(args.tracking_uri)
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - a deleted or foreign run id: start a new parent run
+            run_id = None
+    if run_id:
+        return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=run_id, client=client)
+    tracker = RunTracker(args.tracking_uri, study.study_name, f"study-{study.study_name}",
+                         tags={**ctx_tags, "role": "study"}, client=client)
+    run_id = tracker.wait_run_id(timeout=60.0)
+    if not run_id:
+        raise StudyError(located("--tracking-uri", f"MLflow at {args.tracking_uri} did not answer in 60 s",
+                                 f"start the tracking server, or use the local default {DEFAULT_TRACKING_URI}"))
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    study.set_user_attr("mlflow_experiment", study.study_name)
+    study.set_user_attr("mlflow_tracking_uri", args.tracking_uri)
+    winner = study.user_attrs.get("mlflow_parent_run_id")      # another worker may have raced us
+    if winner != run_id:
+        tracker.end("KILLED")
+        client.delete_run(run_id)
+        return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=winner, client=client)
+    return tracker
+
+
+def log_study_plots(study: Any, tracker: RunTracker) -> None:
+    """Optuna's history, parameter importances and parallel coordinates as plotly HTML on the parent run."""
+    import optuna.visualization as vis
+
+    plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
+             "parallel_coordinate": vis.plot_parallel_coordinate, "intermediate_values": vis.plot_intermediate_values}
+    for name, fn in plots.items():
+        try:
+            tracker.log_figure(fn(study), f"optuna/{name}.html")
+        except Exception as exc:  # noqa: BLE001 - e.g. importances need >= 2 completed trials with varying params
+            log.info("optuna plot %s skipped: %s", name, exc)
+
+
+def finished_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mvfouls_ab.study", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=50, help="trials to finish in this invocation (all workers)")
+    p.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+    p.add_argument("--study-name", default="mvfouls", help="Optuna study = MLflow experiment name")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna RDB storage URL (postgresql://... for workers)")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
+    p.add_argument("--data", default=None, help="MVFouls root; default: the cached synthetic data set")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="hardware profile (config.PROFILES)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every trial and the sampler's seed")
+    p.add_argument("--search-space", default=None, help="YAML search space (default: DEFAULT_SEARCH_SPACE)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--workers", type=int, default=1, help="worker processes started by this command")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores // workers)")
+    p.add_argument("--heartbeat", type=int, default=10, help="RDB heartbeat seconds (grace period 2x)")
+    p.add_argument("--out", default="runs/studies", help="run folders go to OUT/STUDY/trial_NNNN")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="TrainingConfig override for every trial (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    # set by a coordinating process for the workers it starts
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--until", type=int, default=None,
+                   help="stop when the study has this many finished trials in total (instead of --trials more); "
+                        "for workers that join or restart independently (docker compose, tracking/stack.py)")
+    args = p.parse_args(argv)
+    if args.trials < 1 or args.workers < 1:
+        p.error("--trials and --workers must be >= 1")
+    if args.threads <= 0:
+        args.threads = max(1, (os.cpu_count() or 1) // args.workers)
+    return args
+
+
+def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[Any] | None = None
+               ) -> tuple[Any, StudyContext, RunTracker, int]:
+    """Validate the inputs, open (or join) the study and its MLflow parent run, load the data once."""
+    import optuna
+
+    space = load_search_space(args.search_space)
+    check_tracking_uri(args.tracking_uri)
+    check_storage_url(args.storage)
+    if args.data and not Path(args.data).is_dir():
+        raise StudyError(located(args.data, "data folder not found", "pass the folder with Train/ Valid/ Test/"))
+    base = build_base_config(args, space)
+    storage = make_storage(args.storage, args.heartbeat)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=args.study_name, storage=storage, direction="maximize",
+                                sampler=make_sampler(args.seed, args.worker_index),
+                                pruner=pruner or make_pruner(args.pruner, max_epochs(space, base)),
+                                load_if_exists=True)
+    until = args.until if args.until is not None else finished_count(study) + args.trials
+    out = (Path(args.out) / args.study_name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = prepare_data(base)
+    fingerprint, commit = data_fingerprint(data.root), git_commit()
+    tracker = parent_run(study, args, {"optuna.study": args.study_name, "optuna.storage": _safe(args.storage),
+                                       "data_fingerprint": fingerprint, "git_commit": commit})
+    if args.worker_index == 0:
+        tracker.log_params({"trials": args.trials, "timeout": args.timeout, "pruner": args.pruner,
+                            "sampler": "TPESampler(multivariate, group) + trial.set_constraint", "seed": args.seed,
+                            "profile": args.profile, "workers": args.workers, "threads": args.threads,
+                            "search_space": args.search_space or "DEFAULT_SEARCH_SPACE", "data_root": str(data.root)})
+        tracker.log_dict(space, "search_space.json")
+        from .tracking import class_distribution
+
+        dist = class_distribution(data)
+        tracker.log_dict(dist, "class_distribution.json")
+        tracker.log_plot("class_distribution", "class_distribution.html", dist=dist)
+        study.set_user_attr("data_root", str(data.root))
+        study.set_user_attr("out", str(out))
+    ctx = StudyContext(args.study_name, base, space, out, args.tracking_uri, tracker.run_id, data,
+                       fingerprint, commit, quiet=args.quiet, extra_sinks=list(extra_sinks or []))
+    return study, ctx, tracker, until
+
+
+def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[str, Any]:
+    """The whole study: open it, start extra workers, optimize until the trial budget, rank and report."""
+    import optuna
+
+    study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks)
+    coordinator = args.worker_index == 0
+    out = ctx.out
+    procs = []
+    if coordinator and args.workers > 1:
+        for i in range(1, args.workers):
+            cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
+                   "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
+            procs.append(subprocess.Popen(cmd))
+
+    callbacks = [optuna.study.MaxTrialsCallback(until, states=(optuna.trial.TrialState.COMPLETE,
+                                                                optuna.trial.TrialState.PRUNED)),
+                 FailureBudget(max(3, args.trials))]
+    t0 = time.time()
+    stop = finished_count(study) >= until
+    if not stop:
+        study.optimize(lambda t: objective(t, ctx), n_trials=None, timeout=args.timeout, callbacks=callbacks,
+                       catch=(MVFoulsError, RuntimeError, ValueError, FloatingPointError), gc_after_trial=True)
+    for proc in procs:
+        proc.wait()
+    elapsed = time.time() - t0
+    if not coordinator:
+        tracker.logger.close(30.0)
+        return {"study": study, "elapsed": elapsed}
+
+    saved = ranking.save_ranking(study, out, tracker)
+    log_study_plots(study, tracker)
+    tracker.log_metrics({"study/elapsed_s": elapsed, "study/finished_trials": finished_count(study)})
+    tracker.end("FINISHED")
+    print_report(study, saved, args, out, elapsed)
+    return {"study": study, "elapsed": elapsed, **saved}
+
+
+class FailureBudget:
+    """Optuna callback: stop this worker after `limit` failed trials (a broken setup must not loop forever)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.failed = limit, 0
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        from optuna.trial import TrialState
+
+        if trial.state == TrialState.FAIL:
+            self.failed += 1
+            if self.failed >= self.limit:
+                print(f"{self.failed} trials failed in this worker; stopping (see the MLflow runs' error tags)",
+                      file=sys.stderr)
+                study.stop()
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--trials", str(args.trials), "--study-name", args.study_name, "--storage", args.storage,
+            "--tracking-uri", args.tracking_uri, "--profile", args.profile, "--seed", str(args.seed),
+            "--pruner", args.pruner, "--heartbeat", str(args.heartbeat), "--out", args.out]
+    for flag, value in (("--timeout", args.timeout), ("--data", args.data), ("--search-space", args.search_space)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    if args.quiet:
+        argv.append("--quiet")
+    return argv
+
+
+def _safe(url: str) -> str:
+    """A URL without its password (for tags and printed commands)."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+def print_report(study: Any, saved: dict[str, Any], args: argparse.Namespace, out: Path, elapsed: float) -> None:
+    print(f"\nstudy {study.study_name}: {finished_count(study)} finished trials, {elapsed / 60:.1f} min")
+    print(ranking.format_leaderboard(saved["frame"]))
+    print(ranking.format_test(saved["test"]))
+    print(f"leaderboard CSV: {saved['csv']}")
+    uri = args.tracking_uri
+    mlflow_cmd = (f"open {uri} (experiment {study.study_name!r})" if uri.startswith("http")
+                  else f"mlflow ui --backend-store-uri {uri}")
+    print(f"MLflow:  {mlflow_cmd}   (parent run {study.user_attrs.get('mlflow_parent_run_id')})")
+    print(f"Optuna:  optuna-dashboard {_safe(args.storage)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except MVFoulsError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.exit(main())
