@@ -1,6 +1,6 @@
 """Training throughput of the real trainer: samples/s for end-to-end small 3D CNN and for cached-feature mode.
 
-    python benchmarks/train_throughput.py [--data DIR] [--epochs 2] [--limit 256] [--threads 2]
+    python benchmarks/train_throughput.py [--data DIR] [--epochs 2] [--limit 256] [--threads 1]
 
 Both modes run Trainer on the same data (the cached synthetic set without --data), single phase, and report the
 median of the per-epoch `samples_per_s` the trainer records (training steps only; evaluation, feature extraction
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--data", default="")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--limit", type=int, default=256, help="training actions for the end-to-end run")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core box)")
     p.add_argument("--skip-trial", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -45,7 +45,7 @@ def test_class_collapse_after_patience_once_per_streak():
     recalls = {"severity": [0.5, 0.5, 0.5, 0.0], "action": [0.5] * 7 + [float("nan")]}
     kinds = [[e.kind for e in guard.end_epoch(1.0, 1.0, recalls)] for _ in range(5)]
     assert kinds == [[], [], ["class_collapse"], [], []]
-    event = [e for e in guard.events if e.kind == "class_collapse"][0]
+    event = next(e for e in guard.events if e.kind == "class_collapse")
     assert event.detail == {"task": "severity", "cls": 3, "epochs": 3}
     guard.end_epoch(1.0, 1.0, {"severity": [0.5, 0.5, 0.5, 0.2]})      # recovered: the streak restarts
     assert guard.collapse_streak["severity"][3] == 0
@@ -170,7 +170,7 @@ def test_repeated_failure_falls_back_to_simpler_variant(tiny_run, tmp_path):
     result = tiny_run(tmp_path / "fallback", baseline_diverges, variant="baseline", max_recoveries=2,
                       fallback_variant="simplified")
     assert kinds(result) == ["nan_loss", "rollback", "lr_backoff"] * 2 + ["nan_loss", "rollback", "fallback_variant"]
-    fallback = [e for e in result.events if e["kind"] == "fallback_variant"][0]
+    fallback = next(e for e in result.events if e["kind"] == "fallback_variant")
     assert fallback["detail"]["variant"] == "simplified"
     assert result.variant == "simplified" and len(result.history) == 3
     assert "fallback_variant" in recorded(tmp_path / "fallback")

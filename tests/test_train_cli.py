@@ -18,7 +18,7 @@ EXPERIMENTS = ("current", "progressive", "recommended", "plain_ce")
 
 def train(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MVFOULS_AB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "mvfouls_ab.train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "mvfouls_ab.train", *args], check=False, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

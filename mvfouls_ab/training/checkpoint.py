@@ -22,15 +22,13 @@ BEST = "best.pt"
 
 
 def save_atomic(obj: Any, path: Path) -> Path:
-    """torch.save to a temp file next to `path`, fsync, then os.replace (atomic on POSIX)."""
+    """torch.save to a temp file next to `path`, then os.replace (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            torch.save(obj, f)   # no fsync: the rename protects against a killed process, which is what we resume from
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,7 +39,7 @@ def save_atomic(obj: Any, path: Path) -> Path:
 def load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file, reported as a user error
         raise MVFoulsError(located(path, f"cannot read checkpoint ({exc.__class__.__name__}: {exc})",
                                    "delete the run folder's checkpoints/ or start with resume disabled")) from None
 

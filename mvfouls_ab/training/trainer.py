@@ -20,9 +20,10 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,13 +34,13 @@ from .. import labels
 from ..config import TrainingConfig
 from ..errors import MVFoulsError, located
 from . import checkpoint as ckpt
-from .phases import PhaseSpec, phase_plan
 from .losses import multitask_loss
+from .phases import PhaseSpec, phase_plan
 from .stability import Event, StabilityGuard
 
 TASKS = ("action", "severity")
 EVAL_BATCH = 4096          # frozen mode: evaluation in a few big batches
-FEATURE_NOISE = 0.1        # frozen mode: gaussian noise std = FEATURE_NOISE * aug_strength * per-dim feature std
+FEATURE_NOISE = 0.1        # frozen mode: gaussian noise std = FEATURE_NOISE * aug_strength (standardized features)
 VIEW_DROP = 0.25           # frozen mode: each extra view dropped with prob VIEW_DROP * aug_strength
 
 
@@ -125,14 +126,19 @@ class Trainer:
         train = self.sources["train"]
         self.train_counts = {t: np.bincount(train.targets[t][train.targets[t] >= 0],
                                             minlength=labels.NUM_CLASSES[t]) for t in TASKS}
-        if self.cfg.feature_mode == "frozen":
-            self.feat_std = train.feats[train.mask].std(dim=0).clamp_min(1e-6)
+        if self.cfg.feature_mode == "frozen":   # standardize each embedding dimension with Train's statistics
+            views = train.feats[train.mask]
+            mean, std = views.mean(dim=0), views.std(dim=0).clamp_min(1e-6)
+            for src in self.sources.values():
+                if src is not None:
+                    src.feats = ((src.feats - mean) / std).masked_fill(~src.mask.unsqueeze(-1), 0.0)
 
         self.variant, self.complexity = cfg.variant, cfg.complexity_level
         self.model = self._build_model(self.variant, self.complexity)
         self.history: list[Any] = []
         self.top: list[dict[str, Any]] = []      # best-so-far first: {score, epoch, path, variant, complexity}
         self.global_epoch = 0
+        self._jsonl_lines = -1                   # lines of metrics.jsonl known to match history (-1: rewrite)
         start_phase, start_epoch, state = 0, 0, None
         last = self.ckpt_dir / ckpt.LAST
         if self.resume and last.is_file():
@@ -229,7 +235,8 @@ class Trainer:
     def _scale_lr(self, factor: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
-            group["initial_lr"] = group.get("initial_lr", group["lr"] / factor) * factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
         if self.scheduler is not None:
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
@@ -314,8 +321,9 @@ class Trainer:
             for s in range(0, len(order), bs):
                 idx = torch.from_numpy(order[s:s + bs])
                 x, m = self._augment_features(src.feats[idx], src.mask[idx], aug)
+                x, m = x.to(dev), m.to(dev)
                 y = {t: torch.from_numpy(src.targets[t][order[s:s + bs]]).to(dev) for t in TASKS}
-                yield (lambda x=x.to(dev), m=m.to(dev): self.model.forward_features(x, m)), y
+                yield (lambda x=x, m=m: self.model.forward_features(x, m)), y
             return
         from torch.utils.data import DataLoader, Subset
 
@@ -338,7 +346,7 @@ class Trainer:
         if aug > 0:
             drop = (torch.rand(m.shape, generator=g) < VIEW_DROP * aug) & (rank > 0)  # never the first kept view
             keep = keep & ~drop
-            x = x + torch.randn(x.shape, generator=g) * (FEATURE_NOISE * aug) * self.feat_std
+            x = x + torch.randn(x.shape, generator=g) * (FEATURE_NOISE * aug)   # features are standardized
         return x, keep
 
     def _augment_clips(self, clips: torch.Tensor, aug: float) -> torch.Tensor:
@@ -425,7 +433,7 @@ class Trainer:
         from .curriculum import difficulty
         from .rebalance import balanced_subset, class_weights, targeted_weights
 
-        cfg, train = self.cfg, self.sources["train"]
+        cfg = self.cfg
         self.guard.new_phase()
         if self.variant == "progressive" and cfg.progressive_grow and self.complexity != spec.number:
             from ..models.variants import set_complexity
@@ -573,7 +581,13 @@ class Trainer:
             "rng": ckpt.rng_state(self.gen, self.np_rng), "history": self.history, "top": self.top,
         }
         ckpt.save_atomic(state, self.ckpt_dir / ckpt.LAST)
-        self._write_jsonl("metrics.jsonl", [self._record_dict(r) for r in self.history])
+        # metrics.jsonl mirrors the checkpoint's history: rewritten after a resume, then one line appended per epoch
+        if self._jsonl_lines == len(self.history) - 1:
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(self.history[-1].to_dict(), default=_json_default) + "\n")
+        else:
+            self._write_jsonl("metrics.jsonl", [r.to_dict() for r in self.history])
+        self._jsonl_lines = len(self.history)
         self._write_jsonl("events.jsonl", [e.to_dict() for e in self.guard.events])
         keep = {Path(e["path"]).name for e in self.top}
         for path in self.ckpt_dir.glob("model_epoch*.pt"):
@@ -606,14 +620,6 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
         tmp.replace(path)
-
-    @staticmethod
-    def _record_dict(record: Any) -> dict[str, Any]:
-        if hasattr(record, "to_dict"):
-            return record.to_dict()
-        from dataclasses import asdict
-
-        return asdict(record)
 
     # ---- final predictions ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
