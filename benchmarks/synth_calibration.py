@@ -44,7 +44,7 @@ MAX_VIEWS = 4
 # ---- features ------------------------------------------------------------------------------------------------
 def _render_window(spec: synthetic.ActionSpec, indices: tuple[int, ...]) -> np.ndarray:
     """uint8 [V, T, H, W, 3] of the window frames of every view of an action (no file written)."""
-    return np.stack([frames[list(indices)] for frames in synthetic.render_action(spec)])
+    return np.stack(synthetic.render_action(spec, indices))
 
 
 def memory_features(cfg: TrainingConfig, scale: float, seed: int, split: str,

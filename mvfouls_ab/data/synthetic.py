@@ -12,14 +12,15 @@ labelled split, so tiny data sets still hold every class of both tasks.
 
 Videos (what a model can learn from). A pitch with mowing stripes, a slowly panning camera, distractor players,
 and the main player, a blob. Inside the event (frames `EVENT_FRAME` +- `EVENT_HALF`, about 63..87) the main blob
-moves along its action class's motion pattern (direction of its sweep, shaking, stretching) and flashes towards its
+moves along its action class's motion pattern (sweep direction, shaking, stretching, an opponent stuck to it) and
+flashes towards its
 severity's colour while it grows (no offence: nothing, no card: white, yellow, red). Outside the event nothing
 depends on the class. Views differ: the live "Main camera center" view and close-ups carry the full signal, wide
 replays a weaker one, some camera types none at all; replays are slowed (the pattern runs `replay speed` times
 slower, so the window sees only its middle). Each action has its own signal gain (difficulty).
 
 Imbalance that is real but solvable. Some actions of a frequent class *look like* a rare class (referees
-disagree too): `LOOKALIKES`, e.g. 45% of "no card" fouls show no flash, like "no offence". In the look-alike
+disagree too): `LOOKALIKES`, e.g. 40% of "no card" fouls show no flash, like "no offence". In the look-alike
 region a frequent class then outnumbers the rare one, so a plain cross-entropy model never predicts the rare class,
 while a model trained on class-balanced data does (at the cost of the frequent class's look-alikes).
 benchmarks/synth_calibration.py measures both on the product's CPU pipeline (README there).
@@ -43,7 +44,7 @@ from .. import labels
 from ..errors import MVFoulsError, located
 from .video import write_clip
 
-VERSION = 1                    # bump whenever generated content changes (cache folders carry it)
+VERSION = 2                    # bump whenever generated content changes (cache folders carry it)
 DEFAULT_SCALE = 0.5            # ~1,950 actions / ~4,450 clips: ~1 min on 2 cores (benchmarks/README.md)
 DEFAULT_SEED = 0
 MIN_PER_CLASS = 5              # every class of both tasks in every labelled split, whatever the scale
@@ -111,33 +112,39 @@ CAMERAS = {
 LIVE_CAMERA = "Main camera center"
 REPLAY_SPEEDS = ((1.0, 0.10), (1.4, 0.20), (1.6, 0.20), (1.8, 0.30), (2.0, 0.20))
 
-# Motion pattern per action class: sweep direction (vx, vy), shaking (sx, sy), stretch (+ flat, - tall).
+# Motion pattern per action class, chosen for cues a random 3D CNN picks up: sweep (vx, vy), shaking (sx, sy),
+# shape (stretch: + flat, - tall), and a partner (an opponent stuck to the player).
 ACTION_PATTERNS = np.array([
-    [+1.0, +0.5, 0.0, 0.0, +0.5],   # Tackling: sliding right-down, flat
-    [+1.0, 0.0, 0.0, 0.0, 0.0],     # Standing tackling: sweep right
-    [0.0, -1.0, 0.0, 0.0, -0.6],    # High leg: up, tall
-    [-0.4, 0.0, 0.0, 1.0, 0.0],     # Holding: slow left, tugging up and down
-    [-1.0, 0.0, 0.0, 0.0, +0.3],    # Pushing: sweep left
-    [0.0, 0.0, 1.0, 0.0, 0.0],      # Elbowing: shaking sideways
-    [+0.5, -0.6, 0.6, 0.0, 0.0],    # Challenge: up-right with a shake
-    [0.0, +1.0, 0.0, 0.0, +0.9],    # Dive: falls, flat
+    # vx    vy    sx    sy  stretch partner
+    [1.0, 0.3, 0.0, 0.0, +0.7, 0.0],    # Tackling: fast horizontal slide, flat
+    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],     # Standing tackling: fast horizontal sweep, round
+    [0.0, -1.0, 0.0, 0.0, -0.7, 0.0],   # High leg: vertical sweep, tall
+    [0.0, 0.0, 0.0, 0.4, 0.0, 1.0],     # Holding: an opponent stuck to the player, a tug
+    [0.7, 0.7, 0.0, 0.0, 0.0, 0.0],     # Pushing: diagonal sweep, round
+    [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],     # Elbowing: shaking sideways
+    [1.0, 0.0, 0.0, 0.0, 0.0, 1.0],     # Challenge: horizontal sweep with an opponent against the player
+    [0.0, 1.0, 0.0, 0.0, +0.9, 0.0],    # Dive: falls, flat
 ])
-SWEEP_PX = 11.0       # sweep amplitude (pixels at zoom 1, full gain)
-SHAKE_PX = 3.5        # shaking amplitude
+SWEEP_PX = 24.0       # sweep amplitude (pixels at zoom 1, full gain)
+SHAKE_PX = 7.0        # shaking amplitude
 SHAKE_CYCLES = 3.0    # shakes over the event
 # Severity at the event: colour it flashes towards, blend strength, growth.
 SEVERITY_COLOURS = np.array([[0, 0, 0], [235, 235, 235], [240, 215, 30], [215, 25, 30]], np.float32)
-SEVERITY_BLEND = (0.0, 0.65, 0.75, 0.85)
-SEVERITY_GROWTH = (0.0, 0.20, 0.40, 0.65)
-TEAM_COLOURS = np.array([[30, 60, 200], [25, 25, 30], [90, 160, 230], [120, 40, 150], [0, 110, 110],
+SEVERITY_BLEND = (0.0, 0.75, 0.90, 1.00)
+SEVERITY_GROWTH = (0.0, 0.35, 0.70, 1.20)
+MAIN_COLOUR = np.array([30, 60, 200], np.float32)    # the main player's team (blue)
+TEAM_COLOURS = np.array([[25, 25, 30], [90, 160, 230], [120, 40, 150], [0, 110, 110],
                          [150, 90, 40]], np.float32)
-BLOB_RADIUS = 6.0
-GAIN_RANGE = (0.45, 1.0)   # per-action signal gain (difficulty)
+BLOB_RADIUS = 10.0
+DISTRACTOR_RADIUS = (3.0, 5.0)
+STRIPE_CONTRAST = 1.06
+PAN_SPEED = 0.15
+GAIN_RANGE = (0.7, 1.0)   # per-action signal gain (difficulty)
 # Ambiguity: (task, frequent class) -> (rare class it looks like, share of the frequent class that does).
 LOOKALIKES = {
-    ("action", 1): (4, 0.20),    # Standing tackling that looks like Pushing
-    ("action", 6): (7, 0.25),    # Challenge that looks like a Dive
-    ("severity", 1): (0, 0.45),  # no-card foul that looks like no offence
+    ("action", 1): (4, 0.30),    # Standing tackling that looks like Pushing
+    ("action", 6): (7, 0.20),    # Challenge that looks like a Dive
+    ("severity", 1): (0, 0.40),  # no-card foul that looks like no offence
     ("severity", 2): (3, 0.12),  # yellow that looks like red
 }
 
@@ -170,7 +177,7 @@ def kept_targets(split: str, scale: float = 1.0, min_per_class: int = MIN_PER_CL
     """Class counts the official filter keeps in a labelled split at this scale: {"action": [8], "severity": [4]}."""
     counts = KEPT[split]
     floor = max(len(c) * min_per_class for c in counts.values())
-    total = max(int(round(sum(counts["action"]) * scale)), floor)
+    total = max(round(sum(counts["action"]) * scale), floor)
     # The minimum never exceeds a class's real count: at scale 1 the counts are exactly the real ones.
     return {task: apportion(total, c, np.minimum(c, min_per_class)) for task, c in counts.items()}
 
@@ -270,7 +277,7 @@ def _label_rows(split: str, scale: float, min_per_class: int, rng: np.random.Gen
 
     kept = len(rows)
     n_drop = max(SPLIT_SIZES[split] * scale, kept * SPLIT_SIZES[split] / sum(KEPT[split]["action"])) - kept
-    per_rule = apportion(int(round(n_drop)), tuple(DROP_RULES.values()), 1)
+    per_rule = apportion(round(n_drop), tuple(DROP_RULES.values()), 1)
     n1, n2, n3 = (int(n) for n in per_rule)
     shared_sev = _expand(RULE12_SEVERITY, n1 + n2, rng)
     drop_actions = _expand(DROPPED_ACTION, n2 + n3, rng)
@@ -342,60 +349,70 @@ def _smooth_path(rng: np.random.Generator, t: np.ndarray, amplitude: float) -> n
 
 
 def render_view(look_action: int, look_severity: int, gain: float, view: ViewSpec,
-                rng: np.random.Generator) -> np.ndarray:
-    """uint8 frames [NUM_FRAMES, HEIGHT, WIDTH, 3] of one view."""
+                rng: np.random.Generator, frames: tuple[int, ...] | None = None) -> np.ndarray:
+    """uint8 frames [T, HEIGHT, WIDTH, 3] of one view: all NUM_FRAMES, or only the frame indices `frames`
+    (the same pixels as in the full clip, for quick in-memory use)."""
     _, view_gain, zoom = CAMERAS[view.camera]
     g = gain * view_gain
-    t = np.arange(NUM_FRAMES, dtype=np.float32)
+    t = np.arange(NUM_FRAMES, dtype=np.float32) if frames is None else np.asarray(frames, np.float32)
+    n = len(t)
     event = EVENT_FRAME + int(rng.integers(-EVENT_JITTER, EVENT_JITTER + 1))
     u = np.clip((t - event) / EVENT_HALF, -1.0, 1.0)
     env = np.cos(np.pi * u / 2) ** 2                       # 0 outside the event, 1 at its peak
     w = u / view.replay_speed                              # replays: the pattern runs slower
     # Pitch: mowing stripes that pan with the camera; a few tones, as palette indices 0/1.
-    pan = rng.uniform(-0.25, 0.25) * t + _smooth_path(rng, t, 3.0)
+    pan = rng.uniform(-PAN_SPEED, PAN_SPEED) * t + _smooth_path(rng, t, 2.0)
     stripe = rng.uniform(12, 22) / zoom
     xs = np.arange(WIDTH, dtype=np.float32)
     ys = np.arange(HEIGHT, dtype=np.float32)
     index = ((np.floor((xs[None, :] + pan[:, None]) / stripe) % 2).astype(np.uint8))[:, None, :]
-    index = np.broadcast_to(index, (NUM_FRAMES, HEIGHT, WIDTH)).copy()
-    green = np.array([rng.uniform(40, 80), rng.uniform(110, 160), rng.uniform(40, 80)], np.float32)
-    palette = [np.broadcast_to(green, (NUM_FRAMES, 3)), np.broadcast_to(green * 1.12, (NUM_FRAMES, 3))]
+    index = np.broadcast_to(index, (n, HEIGHT, WIDTH)).copy()
+    green = np.array([rng.uniform(50, 70), rng.uniform(125, 145), rng.uniform(50, 70)], np.float32)
+    palette = [np.broadcast_to(green, (n, 3)), np.broadcast_to(green * STRIPE_CONTRAST, (n, 3))]
 
     def blob(cx: np.ndarray, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray, colour: np.ndarray) -> None:
         fx = ((xs[None, :] - cx[:, None]) / rx[:, None]) ** 2
         fy = ((ys[None, :] - cy[:, None]) / ry[:, None]) ** 2
-        mask = (fy[:, :, None] + fx[:, None, :]) <= 1.0
-        np.putmask(index, mask, len(palette))
-        palette.append(np.broadcast_to(colour, (NUM_FRAMES, 3)))
+        rows, cols = np.flatnonzero((fy <= 1.0).any(0)), np.flatnonzero((fx <= 1.0).any(0))
+        if len(rows) and len(cols):     # only the band of rows/columns the blob ever covers
+            r, c = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+            mask = (fy[:, r, None] + fx[:, None, c]) <= 1.0
+            np.putmask(index[:, r, c], mask, len(palette))
+        palette.append(np.broadcast_to(colour, (n, 3)))
 
     teams = rng.choice(len(TEAM_COLOURS), size=2, replace=False)
     for k in range(int(rng.integers(2, 4))):               # distractor players, class-independent
         cx = rng.uniform(10, WIDTH - 10) + _smooth_path(rng, t, 14.0) - pan * 0.5
         cy = rng.uniform(8, HEIGHT - 8) + _smooth_path(rng, t, 6.0)
-        r = np.full(NUM_FRAMES, rng.uniform(3.5, 6.0) * zoom, np.float32)
+        r = np.full(n, rng.uniform(*DISTRACTOR_RADIUS) * zoom, np.float32)
         blob(cx, cy, r, r, TEAM_COLOURS[teams[k % 2]] * rng.uniform(0.85, 1.15))
     # The main player: a class-independent drift, plus the event's motion pattern.
-    vx, vy, sx, sy, stretch = ACTION_PATTERNS[look_action]
+    vx, vy, sx, sy, stretch, partner = ACTION_PATTERNS[look_action]
     sweep = np.sin(np.pi * w) * g * SWEEP_PX * zoom
     shake = np.sin(2 * np.pi * SHAKE_CYCLES * w) * env * g * SHAKE_PX * zoom
-    cx = WIDTH / 2 + rng.uniform(-22, 22) + _smooth_path(rng, t, 6.0) + vx * sweep + sx * shake
-    cy = HEIGHT / 2 + rng.uniform(-10, 10) + _smooth_path(rng, t, 3.0) + vy * sweep + sy * shake
+    cx = WIDTH / 2 + rng.uniform(-12, 12) + _smooth_path(rng, t, 6.0) + vx * sweep + sx * shake
+    cy = HEIGHT / 2 + rng.uniform(-6, 6) + _smooth_path(rng, t, 3.0) + vy * sweep + sy * shake
     size = BLOB_RADIUS * zoom * rng.uniform(0.85, 1.15) * (1 + SEVERITY_GROWTH[look_severity] * g * env)
     rx = size * (1 + stretch * 0.6 * g * env)
     ry = size * (1 - stretch * 0.45 * g * env)
-    base = TEAM_COLOURS[teams[0]] * rng.uniform(0.85, 1.15)
+    # The partner (holding): an opponent attached to the player's side while the event lasts.
+    side = rng.choice([-1.0, 1.0])
+    shown = env * g * partner > 0.2
+    blob(np.where(shown, cx + side * size * 1.1, -1000.0), cy, size, size,
+         TEAM_COLOURS[teams[1]] * rng.uniform(0.85, 1.15))
+    base = MAIN_COLOUR * rng.uniform(0.85, 1.15)
     blend = (SEVERITY_BLEND[look_severity] * g * rng.uniform(0.8, 1.2) * env)[:, None]
     colour = base[None, :] * (1 - blend) + SEVERITY_COLOURS[look_severity][None, :] * blend
     blob(cx, cy, rx, ry, colour)
     pal = np.clip(np.stack(palette, axis=1), 0, 255).astype(np.uint8)       # [T, K, 3]
-    flat = index.astype(np.int32) + (np.arange(NUM_FRAMES, dtype=np.int32) * pal.shape[1])[:, None, None]
+    flat = index.astype(np.int32) + (np.arange(n, dtype=np.int32) * pal.shape[1])[:, None, None]
     return np.take(pal.reshape(-1, 3), flat, axis=0)
 
 
-def render_action(spec: ActionSpec) -> list[np.ndarray]:
-    """Frames of every view of an action (deterministic for its seed)."""
+def render_action(spec: ActionSpec, frames: tuple[int, ...] | None = None) -> list[np.ndarray]:
+    """Frames of every view of an action (deterministic for its seed); `frames`: only these indices."""
     rng = np.random.default_rng(spec.seed)
-    return [render_view(spec.look_action, spec.look_severity, spec.gain, view, rng) for view in spec.views]
+    return [render_view(spec.look_action, spec.look_severity, spec.gain, view, rng, frames) for view in spec.views]
 
 
 def _write_action(job: tuple[Path, ActionSpec]) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -147,6 +148,8 @@ class Trainer:
                 raise MVFoulsError(located(last, "checkpoint was written by a different config",
                                            "use another --out folder, or resume=False to start over"))
             start_phase, start_epoch = self._restore(state)
+            print(f"resumed from {last} after {len(self.history)} epochs "
+                  f"(phase {start_phase + 1}, epoch {start_epoch})", file=sys.stderr, flush=True)
 
         try:
             return self._train(start_phase, start_epoch, state)
