@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/ab/NAME)")
     ap.add_argument("--profile", choices=("cpu", "gpu"), default=None, help="hardware profile (default: the YAML's)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override a TrainingConfig key of the shared base (all arms)")
     ap.add_argument("--epoch-scale", type=float, default=None,
                     help="multiply every arm's phase epochs (default: the YAML's epoch_scale; 1 = full recipes)")

@@ -536,7 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores // workers)")
     p.add_argument("--heartbeat", type=int, default=10, help="RDB heartbeat seconds (grace period 2x)")
     p.add_argument("--out", default="runs/studies", help="run folders go to OUT/STUDY/trial_NNNN")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="TrainingConfig override for every trial (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     # set by a coordinating process for the workers it starts

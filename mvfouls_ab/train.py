@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="MVFouls root (Train/ Valid/ Test/ [Chall/]); default: synthetic set")
     p.add_argument("--config", default=None, help="experiments/NAME.yaml (TrainingConfig overrides)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one TrainingConfig field (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override TrainingConfig fields: --set a=1 b=2 (repeatable)")
     p.add_argument("--out", default=None, help="run folder (default runs/<config>-seed<seed>)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None,
                    help="hardware profile applied before the config file (cpu: frozen small3d features)")

@@ -22,6 +22,9 @@ import pytest
 
 PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
+# straight to the server, whatever proxy the environment (or an earlier test) configured
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -77,7 +80,7 @@ class MlflowServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited: {(self.workdir / f'server{self.starts - 1}.log').read_text()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                with DIRECT.open(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:

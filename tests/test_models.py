@@ -1,6 +1,8 @@
 """Backbones, view aggregation and the registered variants."""
 from __future__ import annotations
 
+import urllib.request
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,8 @@ def test_weight_file_errors(tmp_path) -> None:
 
 def test_default_weights_offline_say_to_pass_a_local_file(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached download
+    # urllib caches its first opener, proxies included: restore it afterwards so later tests reach loopback
+    monkeypatch.setattr(urllib.request, "_opener", None)
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there: the download fails at once
     monkeypatch.delenv("no_proxy", raising=False)

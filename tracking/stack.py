@@ -233,9 +233,13 @@ def tail(path: str | Path, lines: int = 30) -> str:
         return ""
 
 
+# Health checks go straight to the services: never through an http(s)_proxy from the environment.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_ok(url: str, timeout: float = 3.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with DIRECT.open(url, timeout=timeout) as resp:
             return 200 <= resp.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False

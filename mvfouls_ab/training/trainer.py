@@ -695,15 +695,12 @@ class Trainer:
                                            "check the data folder (Train/, Valid/, Test/ with annotations.json)"))
         return out
 
-    def _cache_root(self) -> Path:
-        return Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else Path.home() / ".cache" / "mvfouls_ab"
-
     def _clip_cache(self) -> Any:
         cache = getattr(self.data, "cache", None)
         if cache is None:
-            from ..data.dataset import ClipCache
+            from ..data.dataset import ClipCache, default_cache_dir
 
-            cache = ClipCache(self._cache_root() / "clips")
+            cache = ClipCache(default_cache_dir(self.cfg))
             self.data.cache = cache
         return cache
 
