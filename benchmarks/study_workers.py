@@ -4,8 +4,8 @@
 
 For each worker count it creates a fresh PostgreSQL database (127.0.0.1:5432, user postgres), enqueues the same
 fixed set of trial parameters, and runs `python -m mvfouls_ab.study --workers N --threads cores//N` to finish them
-(MLflow into a local SQLite store). Reported: the trials' span in the storage (first start to last completion) and
-the command's wall time; the target is a span speedup >= 1.6x with two workers on 2 cores.
+(MLflow into a PostgreSQL store beside it, as a multi-worker deployment has). Reported: the trials' span in the
+storage (first start to last completion) and the command's wall time; the target is a span speedup >= 1.6x with two workers on 2 cores.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def run(workers: int, trials: int, space: Path, tmp: Path, data: str | None) -> 
 
     db = f"bench_{uuid.uuid4().hex[:8]}"
     admin(f'CREATE DATABASE "{db}"')
+    admin(f'CREATE DATABASE "{db}_mlflow"')
     url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
     try:
         study = optuna.create_study(study_name="bench", storage=url, direction="maximize")
@@ -48,7 +49,7 @@ def run(workers: int, trials: int, space: Path, tmp: Path, data: str | None) -> 
             study.enqueue_trial({"variant": ("simplified", "optimized")[i % 2], "phase2_lr": 10 ** (-3 + i / trials)})
         threads = max(1, (os.cpu_count() or 1) // workers)
         cmd = [sys.executable, "-m", "mvfouls_ab.study", "--trials", str(trials), "--study-name", "bench",
-               "--storage", url, "--tracking-uri", f"sqlite:///{tmp / f'mlflow{workers}.db'}",
+               "--storage", url, "--tracking-uri", f"{url}_mlflow",
                "--search-space", str(space), "--pruner", "none", "--workers", str(workers), "--threads",
                str(threads), "--out", str(tmp / f"runs{workers}"), "--quiet"]
         if data:
@@ -63,6 +64,7 @@ def run(workers: int, trials: int, space: Path, tmp: Path, data: str | None) -> 
         return span, wall
     finally:
         admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{db}_mlflow" WITH (FORCE)')
 
 
 def main() -> int:

@@ -2,5 +2,5 @@
 from .config import TrainingConfig, load_config
 from .errors import MVFoulsError
 
-__all__ = ["TrainingConfig", "load_config", "MVFoulsError"]
+__all__ = ["MVFoulsError", "TrainingConfig", "load_config"]
 __version__ = "0.1.0"

@@ -69,6 +69,10 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         cmd = [sys.executable, "-m", "mvfouls_ab.ab", *_without(argv, ("--workers", "--threads")),
                "--worker-only", "--threads", str(threads)]
         abtest.CellStore(exp, args.storage).prepare()   # enqueue once, before the workers race
+        if tracking_uri:
+            from .tracking import init_store
+
+            init_store(tracking_uri)                       # and create MLflow's tables once, too
         procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
         codes = [p.wait() for p in procs]
         if any(codes):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ class TrainingConfig:
             else f"phase{phase}_{name}"
         return getattr(self, key)
 
-    def replace(self, **changes: Any) -> "TrainingConfig":
+    def replace(self, **changes: Any) -> TrainingConfig:
         return dataclasses.replace(self, **changes)
 
     def flat(self) -> dict[str, Any]:

@@ -72,6 +72,14 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
+def init_store(uri: str) -> None:
+    """Create a database-backed MLflow store's tables once, before several worker processes open it at the same
+    time (concurrent first opens race on the schema migration)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=check_tracking_uri(uri)).search_experiments(max_results=1)
+
+
 def normalize_db_url(url: str) -> str:
     """postgresql://... -> postgresql+psycopg2://... when psycopg (v3), SQLAlchemy 2.1's default driver, is absent."""
     if url.startswith(("postgresql://", "postgres://")):

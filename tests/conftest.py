@@ -82,7 +82,7 @@ def tiny_mvfouls(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The native tracking stack (tracking/stack.py), shared by tests/test_stack.py and tests/test_notebooks.py.
-from native_stack import native_stack  # noqa: E402,F401
+from native_stack import native_stack  # noqa: F401
 
 # Real PostgreSQL databases and `mlflow server` subprocesses for the tracking and study tests (tests/pg.py).
-from pg import mlflow_pg_server, mlflow_sqlite_server, pg_url  # noqa: E402,F401
+from pg import mlflow_pg_server, mlflow_sqlite_server, pg_url  # noqa: F401
