@@ -37,6 +37,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+# plotly is imported here, in the importing (main) thread: figures are built in the logger thread, and two threads
+# importing plotly's lazy dependencies (narwhals) at once can raise a _DeadlockError.
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
 from .errors import StudyError, located
 from .labels import ACTION_CLASSES, SEVERITY_CLASSES, TASKS
 
@@ -310,7 +316,7 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> None:
         client.log_text(state.run_id, op["text"], op["file"])
     elif kind == "figure":
         fig = FIGURES[op["kind"]](**op["data"])
-        client.log_text(state.run_id, fig.to_html(include_plotlyjs="cdn", full_html=True), op["file"])
+        client.log_text(state.run_id, pio.to_html(fig, include_plotlyjs="cdn", full_html=True), op["file"])
     elif kind == "artifact":
         if Path(op["path"]).exists():
             client.log_artifact(state.run_id, op["path"], op.get("artifact_path"))
@@ -380,7 +386,7 @@ class RunTracker:
     def log_figure(self, fig, artifact_file: str) -> None:
         """A plotly figure as a standalone HTML artifact (plotly.js from the CDN, like mlflow.log_figure)."""
         self.logger.submit({"op": "text", "file": artifact_file,
-                            "text": fig.to_html(include_plotlyjs="cdn", full_html=True)})
+                            "text": pio.to_html(fig, include_plotlyjs="cdn", full_html=True)})
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.logger.submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
@@ -415,8 +421,6 @@ def _plain(v: Any) -> Any:
 # ---- figures ------------------------------------------------------------------------------------------------
 def confusion_figure(matrices: Mapping[str, Any], title: str):
     """Side-by-side heatmaps of the confusion matrices (rows = true class, columns = predicted)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     keys = list(matrices)
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=keys, horizontal_spacing=0.15)
@@ -440,8 +444,6 @@ def _class_names(key: str, n: int) -> list[str]:
 
 def learning_curves_figure(history: list[dict[str, float]], title: str = "Learning curves"):
     """Losses, leaderboard and macro recalls per epoch, from the logged metric dicts."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     groups = {"loss": ["train/loss", "val/loss"],
               "scores": ["val/leaderboard", "val/action/macro_recall", "val/severity/macro_recall",
@@ -472,8 +474,6 @@ def class_distribution(data) -> dict[str, dict[str, list[int]]]:
 
 
 def class_distribution_figure(dist: Mapping[str, Mapping[str, list[int]]]):
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("action", "severity"))
     for split, tasks in dist.items():
@@ -559,6 +559,9 @@ class MLflowSink:
                 self.tracker.log_plot("confusion", "confusion/best.html",
                                       matrices={k: np.asarray(v).tolist() for k, v in cms.items()},
                                       title=f"best epoch {step + 1} ({best.phase})")
+        parameters = getattr(result, "parameters", None) or {}
+        if parameters:
+            self.tracker.log_params({f"parameters_{k}": v for k, v in parameters.items()})
         for path in (getattr(result, "predictions", None) or {}).values():
             self.tracker.log_artifact(path, "predictions")
         checkpoint = getattr(result, "checkpoint", None)

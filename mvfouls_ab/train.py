@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{metrics['balanced_accuracy_offence_severity']:.2f} | recall per class action "
               f"{' '.join(f'{100 * r:.0f}' for r in recalls['action'])} | severity "
               f"{' '.join(f'{100 * r:.0f}' for r in recalls['severity'])}")
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result.parameters.items()))
     print(f"predictions: {', '.join(str(p) for p in result.predictions.values())}")
     return 0
 

@@ -104,7 +104,9 @@ def test_sqlite_study_tracks_ranks_and_prunes(setup, tmp_path, capsys):
     for run in kids:
         assert run.info.status == "FINISHED"
         assert {"variant", "phase_plan", "optuna.trial_number", "data_fingerprint", "git_commit"} <= set(run.data.tags)
-        assert run.data.params["phase2_epochs"] == "2" and len(run.data.params) == len(TrainingConfig().flat())
+        counts = {k: int(v) for k, v in run.data.params.items() if k.startswith("parameters_")}
+        assert run.data.params["phase2_epochs"] == "2" and len(run.data.params) == len(TrainingConfig().flat()) + 4
+        assert counts["parameters_trainable"] == counts["parameters_head"] > 0
         assert len(client.get_metric_history(run.info.run_id, "val/leaderboard")) == 4
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"predictions", "checkpoint", "confusion", "learning_curves.html"} <= names

@@ -70,6 +70,8 @@ def test_three_phases_write_run_folder_and_official_predictions(setup, tmp_path)
     best_key = max((r.leaderboard, -r.val_loss) for r in result.history)
     assert (result.best.leaderboard, -result.best.val_loss) == best_key
     assert set(result.taus) == {"action", "severity"}
+    counts = result.parameters     # frozen mode: only the head trains
+    assert counts["total"] == counts["backbone"] + counts["head"] and counts["trainable"] == counts["head"] > 0
 
 
 def test_same_seed_same_metrics_and_resume_equals_uninterrupted(setup, tmp_path):

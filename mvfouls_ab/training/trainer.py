@@ -87,6 +87,7 @@ class RunResult:
     events: list[dict[str, Any]]
     run_dir: Path
     variant: str = ""
+    parameters: dict[str, int] = field(default_factory=dict)  # models.count_parameters of the final model
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -627,6 +628,7 @@ class Trainer:
     # ---- final predictions ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
         from ..evaluate import detailed_report, write_predictions
+        from ..models.variants import count_parameters
         from .losses import choose_tau, posthoc_adjust
 
         cfg = self.cfg
@@ -669,7 +671,7 @@ class Trainer:
         return RunResult(best=best, history=self.history, checkpoint=Path(self.top[0]["path"]),
                          predictions=predictions, official=official, per_class_recall=per_class, logits=final,
                          taus=taus, events=[e.to_dict() for e in self.guard.events], run_dir=self.run_dir,
-                         variant=self.variant)
+                         variant=self.variant, parameters=count_parameters(self.model))
 
     # ---- data ----------------------------------------------------------------------------------------
     def _load_sources(self) -> dict[str, Source | None]:
