@@ -28,7 +28,7 @@ DIFFICULTY_SCORES = ("loss", "margin")
 class TrainingConfig:
     # ---- data -------------------------------------------------------------------------------------------
     data_root: str = ""               # "" -> the cached synthetic MVFouls data set (generated on first use)
-    cache_dir: str = ""               # "" -> ~/.cache/mvfouls_ab (or $MVFOULS_AB_CACHE, read by the CLI only)
+    cache_dir: str = ""               # "" -> $MVFOULS_AB_CACHE, else ~/.cache/mvfouls_ab (data.dataset.default_cache_dir)
     frame_start: int = 63             # first frame of the window (baseline: 63)
     frame_end: int = 87               # last frame of the window, inclusive (baseline: 87)
     fps: int = 17                     # frames sampled per second inside the window (baseline: 17 -> 16 frames)

@@ -443,8 +443,6 @@ def build_base_config(args: argparse.Namespace, space: dict[str, Any]) -> Traini
     changes: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
     if args.data:
         changes["data_root"] = str(Path(args.data).expanduser().resolve())
-    if os.environ.get("MVFOULS_AB_CACHE"):
-        changes["cache_dir"] = os.environ["MVFOULS_AB_CACHE"]
     try:
         base = base.replace(**changes)
         if args.set:

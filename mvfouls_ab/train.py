@@ -9,7 +9,6 @@ Without --data the cached synthetic data set is used. Errors a user can cause pr
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -39,8 +38,6 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
     changes = {}
     if args.data is not None:
         changes["data_root"] = str(Path(args.data).expanduser().resolve())
-    if not cfg.cache_dir and os.environ.get("MVFOULS_AB_CACHE"):
-        changes["cache_dir"] = os.environ["MVFOULS_AB_CACHE"]
     return cfg.replace(**changes) if changes else cfg
 
 

@@ -27,8 +27,8 @@ MAX_VIEWS = 4  # the real data set has 2 to 4 views per action; evaluation pads 
 
 
 def default_cache_dir(cfg: Any | None = None) -> Path:
-    """cfg.cache_dir, or ~/.cache/mvfouls_ab."""
-    configured = getattr(cfg, "cache_dir", "") if cfg is not None else ""
+    """cfg.cache_dir, else $MVFOULS_AB_CACHE, else ~/.cache/mvfouls_ab: the one place the default is resolved."""
+    configured = (getattr(cfg, "cache_dir", "") if cfg is not None else "") or os.environ.get("MVFOULS_AB_CACHE", "")
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mvfouls_ab"
 
 

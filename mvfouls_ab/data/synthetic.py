@@ -489,7 +489,9 @@ def default_data_root(cache_dir: Path | str | None = None, scale: float = DEFAUL
     A file lock (fcntl.flock) makes concurrent callers wait for one generation instead of racing; the folder
     appears only once complete (atomic rename), so its existence means it is usable.
     """
-    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "mvfouls_ab"
+    from .dataset import default_cache_dir
+
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     root = base / "synthetic" / default_root_name(scale, seed)
     if (root / "synthetic.json").is_file():
         return root
