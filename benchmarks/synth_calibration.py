@@ -9,10 +9,17 @@ Train and scored on Test. For each task:
   (b) the same head trained on a class-balanced sample of Train of the same size (drawn with replacement, equal
       numbers per class of that task) must reach >= 70% macro recall.
 
-Each head is trained on one task's loss (plain CE, no class weights), same epochs/steps/seed for (a) and (b).
+Each head is trained on one task's loss (plain CE, no class weights) with early stopping: up to `--epochs` epochs,
+keeping the epoch with the lowest Valid loss (for (b) the class-balanced Valid loss, its own objective). Same
+epochs/steps/seed for (a) and (b).
+
+The default data set's Valid and Test hold only 5 Dives, 5 Pushes and 5 Red cards each (one action = 20 points of a
+rare class's recall). `--source memory --eval-seeds 0 1 2 3` scores on the Valid and Test splits of four generator
+seeds pooled (20 of each rare class), same generator and pipeline, Train as the default.
 
     python benchmarks/synth_calibration.py                      # default data set (generated on first use)
     python benchmarks/synth_calibration.py --source memory      # render in memory, no files (generator tuning)
+    python benchmarks/synth_calibration.py --source memory --eval-seeds 0 1 2 3 --seeds 0 1 2   # README figures
     python benchmarks/synth_calibration.py --data DIR --seeds 0 1 2
 
 Prints per-class Test recall for every head and whether (a) and (b) hold; exit status 1 when they do not.
@@ -72,6 +79,19 @@ def memory_features(cfg: TrainingConfig, scale: float, seed: int, split: str,
     return feats, mask, targets
 
 
+def cached_memory_features(cfg: TrainingConfig, scale: float, seed: int, split: str,
+                           prefix: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """memory_features, kept in <prefix>_<split>_s<seed>.npz when a prefix is given (generator tuning loops)."""
+    cached = Path(f"{prefix}_{split}_s{seed}.npz") if prefix else None
+    if cached is not None and cached.is_file():
+        z = np.load(cached)
+        return z["feats"], z["mask"], {"action": z["action"], "severity": z["severity"]}
+    feats, mask, targets = memory_features(cfg, scale, seed, split)
+    if cached is not None:
+        np.savez(cached, feats=feats, mask=mask, **targets)
+    return feats, mask, targets
+
+
 def file_features(cfg: TrainingConfig, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """The product's path: annotations -> clip cache -> frozen backbone feature cache."""
     from mvfouls_ab.data.dataset import load_data
@@ -93,16 +113,33 @@ def standardize(data: dict[str, tuple]) -> None:
 
 
 # ---- heads ---------------------------------------------------------------------------------------------------
-def train_head(cfg: TrainingConfig, feats: np.ndarray, mask: np.ndarray, target: np.ndarray, task: str,
-               index: np.ndarray, seed: int, epochs: int, lr: float, batch: int) -> torch.nn.Module:
-    """Train the variant's head with plain cross-entropy on the samples `index` (repeats allowed)."""
+def valid_loss(model: torch.nn.Module, feats: np.ndarray, mask: np.ndarray, target: np.ndarray, task: str,
+               balanced: bool) -> float:
+    """Cross-entropy on Valid; balanced: every class weighted to count the same (the objective of head (b))."""
+    classes = len(labels.TASKS[task])
+    weight = None
+    if balanced:
+        counts = np.maximum(np.bincount(target, minlength=classes), 1)
+        weight = torch.from_numpy((len(target) / (classes * counts)).astype(np.float32))
+    with torch.no_grad():
+        logits = model.forward_features(torch.from_numpy(feats), torch.from_numpy(mask))[task]
+        return float(F.cross_entropy(logits, torch.from_numpy(target), weight=weight))
+
+
+def train_head(cfg: TrainingConfig, train: tuple, valid: tuple, task: str, index: np.ndarray, seed: int,
+               epochs: int, lr: float, batch: int, balanced: bool) -> tuple[torch.nn.Module, int]:
+    """Train the variant's head with plain cross-entropy on the Train samples `index` (repeats allowed) and keep
+    the epoch with the lowest Valid loss (early stopping, as anyone training the model would). Returns
+    (model at that epoch, the epoch)."""
+    (feats, mask, targets), (vfeats, vmask, vtargets) = train, valid
     torch.manual_seed(seed)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    x, m, y = torch.from_numpy(feats), torch.from_numpy(mask), torch.from_numpy(target)
+    x, m, y = torch.from_numpy(feats), torch.from_numpy(mask), torch.from_numpy(targets[task])
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
+    best, best_epoch, best_state = float("inf"), 0, None
+    for epoch in range(1, epochs + 1):
+        model.train()
         order = torch.from_numpy(index)[torch.randperm(len(index), generator=gen)]
         for start in range(0, len(order), batch):
             b = order[start:start + batch]
@@ -110,8 +147,14 @@ def train_head(cfg: TrainingConfig, feats: np.ndarray, mask: np.ndarray, target:
             opt.zero_grad()
             loss.backward()
             opt.step()
+        model.eval()
+        loss = valid_loss(model, vfeats, vmask, vtargets[task], task, balanced)
+        if loss < best:
+            best, best_epoch = loss, epoch
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
     model.eval()
-    return model
+    return model, best_epoch
 
 
 def predict(model: torch.nn.Module, feats: np.ndarray, mask: np.ndarray, task: str) -> np.ndarray:
@@ -134,33 +177,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-seed", type=int, default=synthetic.DEFAULT_SEED, help="memory source: generator seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="head training seeds")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--variant", default="simplified")
     p.add_argument("--frame-size", type=int, default=112)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-cache", default="", help="memory source: keep features in this .npz prefix")
+    p.add_argument("--eval-seeds", type=int, nargs="*", default=[],
+                   help="memory source: Valid and Test of these generator seeds pooled (larger than the default "
+                        "ones, which hold only 5 Dives, 5 Pushes and 5 Red cards)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainingConfig(data_root=args.data, variant=args.variant, frame_size=args.frame_size, backbone="small3d",
                          weights="none", feature_mode="frozen", device="cpu")
     started = time.perf_counter()
     data = {}
-    for split in ("Train", "Test"):
+    if args.eval_seeds and args.source != "memory":
+        p.error("--eval-seeds needs --source memory")
+    for split in ("Train", "Valid", "Test"):
         if args.source == "memory":
-            cached = Path(f"{args.memory_cache}_{split}.npz") if args.memory_cache else None
-            if cached is not None and cached.is_file():
-                z = np.load(cached)
-                data[split] = (z["feats"], z["mask"], {"action": z["action"], "severity": z["severity"]})
-                continue
-            data[split] = memory_features(cfg, args.scale, args.data_seed, split)
-            if cached is not None:
-                f, m, y = data[split]
-                np.savez(cached, feats=f, mask=m, **y)
+            seeds = args.eval_seeds if split != "Train" and args.eval_seeds else [args.data_seed]
+            parts = [cached_memory_features(cfg, args.scale, seed, split, args.memory_cache) for seed in seeds]
+            data[split] = (np.concatenate([f for f, _, _ in parts]), np.concatenate([m for _, m, _ in parts]),
+                           {task: np.concatenate([y[task] for _, _, y in parts]) for task in labels.TASKS})
         else:
             data[split] = file_features(cfg, split)
     standardize(data)
-    print(f"features: Train {len(data['Train'][0])} / Test {len(data['Test'][0])} kept actions "
+    print(f"features: Train {len(data['Train'][0])} / Valid {len(data['Valid'][0])} / Test {len(data['Test'][0])} "
+          f"kept actions "
           f"({time.perf_counter() - started:.0f} s, source={args.source})")
     ok = True
     for task, names in labels.TASKS.items():
@@ -177,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             rng = np.random.default_rng(seed)
             for kind, index in (("(a) plain CE, imbalanced", np.arange(len(ytr[task]))),
                                 ("(b) plain CE, balanced", balanced_sample(ytr[task], len(ytr[task]), rng))):
-                model = train_head(cfg, ftr, mtr, ytr[task], task, index, seed, args.epochs, args.lr, args.batch)
+                model, epoch = train_head(cfg, data["Train"], data["Valid"], task, index, seed, args.epochs,
+                                          args.lr, args.batch, balanced=kind.startswith("(b)"))
                 pred = predict(model, fte, mte, task)
                 rec = recall_score(yte[task], pred, labels=range(len(names)), average=None, zero_division=0)
                 macro = float(rec.mean())
                 macros[kind[1]].append(macro)
-                print(f"  {kind:<24}" + "".join(f"{r:>11.2f}" for r in rec) + f"{macro:>8.3f}  seed {seed}")
+                print(f"  {kind:<24}" + "".join(f"{r:>11.2f}" for r in rec) + f"{macro:>8.3f}  seed {seed}, epoch {epoch}")
                 if kind.startswith("(a)"):
                     holds = all(rec[c] < 0.10 for c in rarest)
                     ok &= holds

@@ -1,14 +1,20 @@
-"""Tracking overhead: MLflowSink (one log_batch per epoch from a background thread) against a real `mlflow server`.
+"""Tracking overhead: MLflowSink (metrics merged into few log_batch requests by a background thread) against MLflow.
 
-    python benchmarks/tracking_overhead.py [--epochs 2 3 2] [--data DIR]
+    python benchmarks/tracking_overhead.py [--epochs 2 3 2] [--data DIR] [--replay-epochs 26] [--replay-store URI]
 
 Starts `mlflow server` (SQLite backend) on a free loopback port, trains one real trial (cpu profile: frozen small3d
 features of the cached synthetic data set, or --data) with the MLflow sink, and reports:
 - metrics per epoch (DetailedMetrics.to_mlflow), trial wall time;
 - tracking cost on the training thread (time inside sink.log/close + the final flush in tracker.end) in % of the
-  trial's wall time (target <= 1%), and the background thread's busy time;
+  trial's wall time (target <= 1%), and the background thread's requests, busy time and CPU time per epoch (all the
+  trial's operations: params, metrics, confusion JSONs, figures, artifacts);
 - the naive way, one `MlflowClient.log_metric` request per value, timed on a sample of calls against the same
-  server and extrapolated to every value of the trial, in % of wall time, and its ratio to the batched way.
+  server and extrapolated to every value of the trial, in % of wall time, and its ratio to the batched way;
+- the metrics alone, before/after coalescing: the trial's metric dicts replayed as --replay-epochs epochs, one every
+  --replay-interval s, through a RunTracker with linger_s=0 (one log_batch per epoch, as before coalescing) and with
+  the default linger_s, against the server (client CPU in the logger thread + the server's CPU) and against
+  in-process stores (a SQLite file, plus every --replay-store URI, e.g. a PostgreSQL database): log_batch requests,
+  busy time and the logger thread's CPU time (time.thread_time) per epoch.
 """
 from __future__ import annotations
 
@@ -50,11 +56,55 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlflow server did not start")
 
 
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) of the live processes of process group ``pgid`` (mlflow server and its workers)."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()     # from field 3 (state) on: pgrp = 5, utime = 14, stime = 15
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def replay(uri: str, epochs: list[dict[str, float]], linger_s: float, interval: float,
+           server_pgid: int | None = None) -> dict[str, float]:
+    """Log ``epochs`` (one metrics dict each, ``interval`` s apart) to a new run of ``uri``; the logger's cost."""
+    from mvfouls_ab.tracking import RunTracker
+
+    tracker = RunTracker(uri, "tracking-replay", f"linger-{linger_s:g}", linger_s=linger_s)
+    assert tracker.wait_run_id(120) and tracker.flush(120)
+    lg = tracker.logger
+    req0, busy0, cpu0 = lg.requests, lg.busy_s, lg.cpu_s
+    srv0 = group_cpu(server_pgid) if server_pgid else 0.0
+    t0 = time.perf_counter()
+    for step, values in enumerate(epochs):
+        tracker.log_metrics(values, step=step)
+        time.sleep(interval)
+    t1 = time.perf_counter()
+    assert tracker.flush(300)
+    flush_s = time.perf_counter() - t1
+    out = {"requests": lg.requests - req0, "busy_s": lg.busy_s - busy0, "cpu_s": lg.cpu_s - cpu0,
+           "server_cpu_s": group_cpu(server_pgid) - srv0 if server_pgid else float("nan"),
+           "wall_s": time.perf_counter() - t0, "flush_s": flush_s}
+    tracker.end("FINISHED")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, nargs=3, default=[2, 3, 2], help="epochs of phases 1, 2, 3")
     ap.add_argument("--data", default=None)
     ap.add_argument("--naive-sample", type=int, default=300, help="log_metric calls timed for the naive estimate")
+    ap.add_argument("--replay-epochs", type=int, default=26, help="epochs of the metrics-only replay (0: none)")
+    ap.add_argument("--replay-interval", type=float, default=0.3, help="seconds between replayed epochs")
+    ap.add_argument("--replay-store", action="append", default=[],
+                    help="also replay to this in-process tracking store (e.g. an empty PostgreSQL database's URL)")
     args = ap.parse_args()
 
     import torch
@@ -62,7 +112,7 @@ def main() -> int:
 
     from mvfouls_ab.config import PROFILES, TrainingConfig
     from mvfouls_ab.study import prepare_data
-    from mvfouls_ab.tracking import MLflowSink, RunTracker
+    from mvfouls_ab.tracking import DEFAULT_LINGER_S, MLflowSink, RunTracker
     from mvfouls_ab.training.trainer import Trainer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
@@ -99,6 +149,13 @@ def main() -> int:
                 client.log_metric(run_id, k, float(v), step=i // len(keys))
             per_call = (time.perf_counter() - t1) / args.naive_sample
             naive = per_call * values
+
+            dicts = [r.to_mlflow() for r in result.history]
+            replay_epochs = [dicts[i % len(dicts)] for i in range(args.replay_epochs)]
+            stores = [("mlflow server", url, proc.pid), ("SQLite file", f"sqlite:///{tmp / 'replay.db'}", None)]
+            stores += [(uri.split("://")[0].split("+")[0], uri, None) for uri in args.replay_store]
+            replays = [(name, linger, replay(uri, replay_epochs, linger, args.replay_interval, pgid))
+                       for name, uri, pgid in stores if replay_epochs for linger in (0.0, DEFAULT_LINGER_S)]
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             time.sleep(1)
@@ -110,8 +167,20 @@ def main() -> int:
     print(f"batched (MLflowSink): training-thread cost {batched:.3f} s = {100 * batched / wall:.2f}% of wall "
           f"(log/close {sink.log_s:.3f} s, final flush {flush_s:.3f} s); background thread busy "
           f"{tracker.logger.busy_s:.2f} s for {tracker.logger.requests} requests")
+    lg = tracker.logger
+    print(f"background thread per epoch (all operations): {lg.requests / epochs:.2f} requests, "
+          f"busy {1000 * lg.busy_s / epochs:.1f} ms, CPU {1000 * lg.cpu_s / epochs:.1f} ms")
     print(f"naive (one log_metric per value): {1000 * per_call:.1f} ms per call x {values} = {naive:.1f} s = "
           f"{100 * naive / wall:.1f}% of wall; naive / batched = {naive / max(batched, 1e-9):.0f}x")
+    if replays:
+        n = args.replay_epochs
+        print(f"metrics only: {n} epochs x {per_epoch} metrics, one every {args.replay_interval:g} s; per epoch "
+              f"(linger 0 = one log_batch per epoch, as before coalescing):")
+        print(f"  {'store':<16}{'linger':>7}{'requests':>10}{'busy ms':>9}{'thread CPU ms':>15}{'server CPU ms':>15}"
+              f"{'final flush s':>15}")
+        for name, linger, r in replays:
+            print(f"  {name:<16}{linger:>6g}s{r['requests'] / n:>10.2f}{1000 * r['busy_s'] / n:>9.1f}"
+                  f"{1000 * r['cpu_s'] / n:>15.1f}{1000 * r['server_cpu_s'] / n:>15.1f}{r['flush_s']:>15.3f}")
     return 0 if batched <= 0.01 * wall else 1
 
 

@@ -3,7 +3,8 @@
 Layout in MLflow: one experiment per study (named after the study); one parent run per study; one nested child run
 per trial (tag ``mlflow.parentRunId``). A child run gets the flat TrainingConfig as params (batches of <= 100), tags
 (variant, phase plan, trial number, data fingerprint, git commit), every DetailedMetrics record as step metrics
-(step = epoch) in ONE ``log_batch`` request per epoch, confusion matrices per epoch as JSON, plotly HTML for the
+(step = epoch; the background thread merges the metrics of consecutive epochs into as few ``log_batch`` requests as
+fit, see :class:`RunLogger`), confusion matrices per epoch as JSON, plotly HTML for the
 confusion matrices at each phase end and for the best epoch, learning curves and the class distribution as plotly
 HTML, and the final prediction files and best checkpoint as artifacts.
 
@@ -11,7 +12,8 @@ Default tracking URI: ``sqlite:///mlflow.db`` in the working directory, next to 
 ``sqlite:///optuna.db``, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run from the same directory shows
 it. (Artifacts of a SQLite store go to ``./mlruns``.)
 
-Unreachable server: every operation of a run goes through a background thread (:class:`RunLogger`) in order.
+Unreachable server: every operation of a run goes through a background thread (:class:`RunLogger`) in order
+(metrics may overtake the artifacts, params and tags submitted after them, never a run's create or terminate).
 When a request fails for a transient reason the thread keeps the operation (and everything after it) in memory,
 appends them to ``<run_dir>/mlflow_spill.jsonl``, and retries with exponential backoff (capped at 5 s); training
 never waits. ``end()`` flushes; if the server is still down after ``flush_timeout`` seconds the spill file stays and
@@ -48,10 +50,20 @@ from .labels import ACTION_CLASSES, SEVERITY_CLASSES, TASKS
 
 log = logging.getLogger(__name__)
 
+# MLflow's usage telemetry starts its own consumer thread (CPU taken from training) and phones home; the platform runs
+# on offline machines. Set before any MLflow call is made (mlflow checks it per call); MLFLOW_DISABLE_TELEMETRY=false
+# in the environment turns it back on.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks")
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000          # MLflow's own log_batch limit
+DEFAULT_LINGER_S = 3.0                # see RunLogger
+# operations that order everything around them: nothing may be sent before a create/resume/bind (no run id yet), and a
+# terminate goes after every metric of its run
+BARRIERS = frozenset({"create", "resume", "bind", "terminate"})
+METRIC_OPS = frozenset({"metrics", "metrics_multi"})
 SPILL_NAME = "mlflow_spill.jsonl"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow error codes that retrying cannot fix: the operation is dropped with a warning.
@@ -145,31 +157,95 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 # ---- the ordered, retrying background logger ----------------------------------------------------------------
+def metric_items(op: dict) -> list[list]:
+    """``[[key, value, ts, step], ...]`` of a ``metrics`` or ``metrics_multi`` op (non-finite values left out)."""
+    if op["op"] == "metrics_multi":
+        return op["items"]
+    return [[k, float(v), op["ts"], op["step"]] for k, v in op["values"].items()
+            if v is not None and np.isfinite(float(v))]
+
+
+def _n_values(op: dict) -> int:
+    return len(op["items"]) if op["op"] == "metrics_multi" else len(op["values"])
+
+
+def coalesce_metrics(pending: Iterable[dict], limit: int = MAX_METRICS_PER_BATCH) -> deque[dict]:
+    """``pending`` (whose first op is a metric op) with its leading metric ops merged into one ``metrics_multi`` op.
+
+    Merged: the metric ops before the first barrier, skipping over the non-metric ops between them (those keep their
+    order, after the merged op), while their values fit in ``limit`` (one request). Whole ops only: an epoch's
+    metrics reach MLflow all or none, which MLflowSink.backfill relies on after a worker is killed (the first op is
+    always taken; one > ``limit`` is chunked by execute). ``ops`` of the merged op = how many submitted operations it
+    completes. Returns a new deque and leaves ``pending`` as it is (a concurrent spill sees every op either way).
+    """
+    ops = list(pending)
+    items: list[list] = []
+    n = 0
+    rest: deque[dict] = deque()
+    for i, op in enumerate(ops):
+        if op["op"] in BARRIERS:
+            rest.extend(ops[i:])
+            break
+        if op["op"] not in METRIC_OPS:
+            rest.append(op)
+            continue
+        new = metric_items(op)
+        if n and len(items) + len(new) > limit:      # full: this op and everything after it wait for the next one
+            rest.extend(ops[i:])
+            break
+        items += new
+        n += op.get("ops", 1)
+    rest.appendleft({"op": "metrics_multi", "items": items, "ops": n})
+    return rest
+
+
 class RunLogger:
-    """Sends the operations of one MLflow run, in order, from a background thread.
+    """Sends the operations of one MLflow run from a background thread, in order except that metrics are merged.
 
     Operations are plain JSON-able dicts (so they can be spilled to disk and replayed):
     ``create`` (experiment, run_name, tags, parent), ``resume`` (run_id), ``metrics`` (step, values, ts),
-    ``params``, ``tags``, ``text`` (artifact file + content), ``artifact`` (local path), ``terminate`` (status).
-    While the server is unreachable the pending operations are rewritten to the spill file after every failed
-    attempt, so a crash loses nothing either (replaying may repeat already-sent operations; MLflow de-duplicates
-    identical metrics, params and artifacts).
+    ``metrics_multi`` (items ``[[key, value, ts, step], ...]``, ops: merged metrics ops), ``params``, ``tags``,
+    ``text`` (artifact file + content), ``figure``, ``artifact`` (local path), ``terminate`` (status).
+
+    Coalescing: every ``log_batch`` costs the tracking store a fixed amount of work (an ORM flush, the latest-metric
+    update, a run lookup; a server round trip), whatever its size, so the metrics of consecutive epochs are sent
+    together (:func:`coalesce_metrics`: whole epochs, up to MAX_METRICS_PER_BATCH values, MLflow's limit, per
+    request). Metric ops
+    may overtake the ``text``/``figure``/``artifact``/``params``/``tags`` ops submitted after them (none depend on
+    metrics) but never a barrier: ``create``/``resume``/``bind`` go first, ``terminate`` after every metric before it.
+    When a metric op reaches the front with fewer values pending than one full request, the thread waits up to
+    ``linger_s`` for more; ``flush()``, ``close()``, a queued barrier or a full request send at once.
+    ``linger_s`` = 3 s (DEFAULT_LINGER_S): longer than an epoch of a study trial (~0.5 s on the cpu profile), so a
+    request carries several epochs (at 150-165 metrics per epoch, 6 fill a request); short enough that the UI's
+    curves lag by a few seconds only, and that a worker killed hard loses at most ~3 s of metrics that were not yet
+    sent (a resumed trial backfills them from its checkpoint, see MLflowSink.backfill). 0 = no waiting (ops that
+    are already queued are still merged).
+
+    While the server is unreachable the pending operations (a merged op included) are rewritten to the spill file
+    after every failed attempt, so a crash loses nothing either (replaying may repeat already-sent operations; MLflow
+    de-duplicates identical metrics, params and artifacts). A permanent error drops the whole (merged) op.
+    Counters: ``requests`` write requests sent (log_batch chunks, artifacts, run create/update), ``failures`` failed
+    attempts, ``busy_s`` wall time spent sending, ``cpu_s`` CPU time of the thread (time.thread_time).
     """
 
-    def __init__(self, client, spill_path: Path | None = None, max_backoff: float = 5.0) -> None:
+    def __init__(self, client, spill_path: Path | None = None, max_backoff: float = 5.0,
+                 linger_s: float = DEFAULT_LINGER_S) -> None:
         self.client = client
         self.spill_path = Path(spill_path) if spill_path else None
         self.run_id: str | None = None
         self.created = threading.Event()
         self.max_backoff = max_backoff
-        self.requests = 0            # operations sent
+        self.linger_s = linger_s
+        self.requests = 0            # requests sent
         self.failures = 0            # failed attempts
         self.busy_s = 0.0            # time the thread spent sending
+        self.cpu_s = 0.0             # CPU time of the thread
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: deque[dict] = deque()
         self._cond = threading.Condition()
         self._submitted = 0
-        self._done = 0
+        self._done = 0               # submitted ops sent (a merged op counts its parts)
+        self._flush_upto = 0         # ops up to this count are sent without lingering
         self._stop = False
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
         self._thread.start()
@@ -190,7 +266,11 @@ class RunLogger:
             return self._submitted - self._done
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until every submitted operation is sent; False if the server stayed unreachable."""
+        """Send every submitted operation now (no lingering) and wait for it; False if the server stayed unreachable.
+        ``timeout=0`` only asks the thread to send what it holds."""
+        with self._cond:
+            self._flush_upto = self._submitted
+        self._inbox.put(None)        # wake the thread if it lingers
         with self._cond:
             return self._cond.wait_for(lambda: self._done >= self._submitted, timeout)
 
@@ -208,8 +288,10 @@ class RunLogger:
 
     # -- consumer side (background thread) --
     def _work(self) -> None:
+        cpu0 = time.thread_time()
         backoff = 0.25
         failing = False
+        linger_until = None
         while True:
             if not self._pending:
                 op = self._inbox.get()
@@ -221,10 +303,18 @@ class RunLogger:
             arrived = self._drain_inbox()
             if failing and arrived:
                 self._spill()
+            if self._pending[0]["op"] in METRIC_OPS:
+                if not failing:
+                    if linger_until is None:
+                        linger_until = time.monotonic() + self.linger_s
+                    if self._linger(linger_until):
+                        continue
+                self._pending = coalesce_metrics(self._pending)
+                linger_until = None
             op = self._pending[0]
             t0 = time.perf_counter()
             try:
-                execute(self.client, op, self)
+                self.requests += execute(self.client, op, self)
                 sent = True
             except Exception as exc:   # noqa: BLE001 - the server's problem must never stop training
                 self.failures += 1
@@ -232,12 +322,12 @@ class RunLogger:
                 if sent:
                     log.warning("MLflow dropped %s: %s", op.get("op"), exc)
             self.busy_s += time.perf_counter() - t0
+            self.cpu_s = time.thread_time() - cpu0      # before notifying: flush() returns with it up to date
             if sent:
-                self.requests += 1
                 self._pending.popleft()
                 backoff = 0.25
                 with self._cond:
-                    self._done += 1
+                    self._done += op.get("ops", 1)
                     self._cond.notify_all()
                 if not self._pending and failing:
                     failing = False
@@ -250,6 +340,29 @@ class RunLogger:
                 return
             time.sleep(backoff)
             backoff = min(self.max_backoff, backoff * 2)
+
+    def _linger(self, until: float) -> bool:
+        """Wait (until ``until`` at most) for more ops when the pending metrics are fewer than one request and nothing
+        asks for them; True if it waited (the caller looks again), False to send now."""
+        with self._cond:
+            urgent = self._stop or self._done < self._flush_upto
+        self._drain_inbox()          # after reading urgent: every op submitted before a flush() is pending now
+        values = 0
+        for op in self._pending:
+            if op["op"] in BARRIERS:
+                return False
+            if op["op"] in METRIC_OPS:
+                values += _n_values(op)
+        left = until - time.monotonic()
+        if urgent or values >= MAX_METRICS_PER_BATCH or left <= 0:
+            return False
+        try:
+            op = self._inbox.get(timeout=left)
+        except queue.Empty:
+            return True
+        if op is not None:
+            self._pending.append(op)
+        return True
 
     def _drain_inbox(self) -> int:
         n = 0
@@ -281,8 +394,8 @@ class _RunRef:
         self.created = threading.Event()
 
 
-def execute(client, op: dict, state: RunLogger | _RunRef) -> None:
-    """Send one operation (one request, or a few for a params list > 100)."""
+def execute(client, op: dict, state: RunLogger | _RunRef) -> int:
+    """Send one operation (one request, or a few for > 100 params or > 1000 metrics); returns the requests sent."""
     from mlflow.entities import Metric, Param, RunTag
 
     kind = op["op"]
@@ -301,15 +414,16 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> None:
         state.run_id = op["run_id"]
         client.update_run(op["run_id"], status="RUNNING")
         state.created.set()
-    elif kind == "metrics":
-        items = [Metric(k, float(v), op["ts"], op["step"]) for k, v in op["values"].items()
-                 if v is not None and np.isfinite(float(v))]
+    elif kind in METRIC_OPS:
+        items = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in metric_items(op)]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             client.log_batch(state.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+        return -(-len(items) // MAX_METRICS_PER_BATCH)
     elif kind == "params":
         items = [Param(k, str(v)[:6000]) for k, v in op["values"].items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             client.log_batch(state.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        return -(-len(items) // MAX_PARAMS_PER_BATCH)
     elif kind == "tags":
         client.log_batch(state.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["values"].items()])
     elif kind == "text":
@@ -318,12 +432,14 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> None:
         fig = FIGURES[op["kind"]](**op["data"])
         client.log_text(state.run_id, pio.to_html(fig, include_plotlyjs="cdn", full_html=True), op["file"])
     elif kind == "artifact":
-        if Path(op["path"]).exists():
-            client.log_artifact(state.run_id, op["path"], op.get("artifact_path"))
+        if not Path(op["path"]).exists():
+            return 0
+        client.log_artifact(state.run_id, op["path"], op.get("artifact_path"))
     elif kind == "terminate":
         client.set_terminated(state.run_id, status=op["status"])
     else:
         raise ValueError(f"unknown tracking operation {kind!r}")
+    return 0 if kind == "bind" else 1
 
 
 def replay_spill(path: Path | str, tracking_uri: str) -> int:
@@ -343,11 +459,11 @@ class RunTracker:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
                  parent_run_id: str | None = None, run_dir: Path | str | None = None,
-                 resume_run_id: str | None = None, client=None) -> None:
+                 resume_run_id: str | None = None, client=None, linger_s: float = DEFAULT_LINGER_S) -> None:
         self.tracking_uri = tracking_uri
         self.client = client or make_client(tracking_uri)
         spill = Path(run_dir) / SPILL_NAME if run_dir else None
-        self.logger = RunLogger(self.client, spill)
+        self.logger = RunLogger(self.client, spill, linger_s=linger_s)
         if resume_run_id:       # the id is known at once; the RUNNING status is sent in order with the rest
             self.logger.run_id = resume_run_id
             self.logger.created.set()
@@ -371,7 +487,7 @@ class RunTracker:
         self.logger.submit({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
 
     def log_metrics(self, values: Mapping[str, float], step: int = 0) -> None:
-        """One request for the whole dict (one epoch's >= 100 metrics)."""
+        """One op for the whole dict (one epoch's >= 100 metrics), merged with its neighbours into few requests."""
         self.logger.submit({"op": "metrics", "step": int(step), "ts": int(time.time() * 1000),
                             "values": {k: float(v) for k, v in values.items()}})
 
@@ -492,7 +608,8 @@ FIGURES = {"confusion": lambda matrices, title: confusion_figure(matrices, title
 class MLflowSink:
     """Sink (monitoring.Sink protocol) that logs DetailedMetrics records to one child run.
 
-    log(record): all of ``record.to_mlflow()`` in one request (step = epoch) and the epoch's confusion matrices as
+    log(record): all of ``record.to_mlflow()`` as one metrics op (step = epoch; the RunLogger merges the ops of
+    consecutive epochs into few requests) and the epoch's confusion matrices as
     JSON. At each phase change and at close: confusion matrices of the phase's last epoch and the learning curves as
     plotly HTML. ``log_result(result)`` adds the best epoch's confusion matrices, summary metrics ``best/...``, the
     prediction files and the best checkpoint. ``close()`` flushes but does not end the run (``tracker.end`` does).

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
 import shutil
 import sys
 import types
@@ -104,6 +105,114 @@ def test_warm_names_the_bad_clip(tiny_mvfouls, tmp_path):
     assert str(bad) in str(exc.value) and f"action {split.actions[2].action_id}" in str(exc.value)
 
 
+def mmap_backed(array: np.ndarray) -> bool:
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+
+
+def test_packed_split_reads_the_decoded_arrays_from_one_file(tiny_mvfouls, tmp_path, monkeypatch):
+    split = load_split(tiny_mvfouls, "Valid")
+    clips = [c for a in split.actions for c in a.clips]
+    decoded = [decode_clip(c.path, WINDOW) for c in clips]
+    cache = ClipCache(tmp_path / "cache")
+    cache.get(clips[0], WINDOW)  # one clip cached as a file first, the others decoded by pack
+    path = cache.pack(split.actions, WINDOW)
+    assert (cache.hits, cache.misses) == (0, len(clips))
+    assert path.parent == tmp_path / "cache" / "packs" and sorted(p.name for p in path.parent.iterdir()) == \
+        [path.with_suffix(".json").name, path.name]  # no temporary files left behind
+    packed = np.load(path)
+    assert packed.dtype == np.uint8 and packed.shape == (len(clips), 3, 8, 32, 32)
+    for row, want in zip(packed, decoded, strict=True):
+        np.testing.assert_array_equal(row, want)
+    index = json.loads(path.with_suffix(".json").read_text())
+    assert index["keys"] == [cache.key_for(c, WINDOW) for c in clips]
+    assert [p for p in cache_files(cache) if p.is_file()] == []  # each window is on disk once, in the pack
+    assert cache.missing(split.actions, WINDOW) == []
+    # A second cache on the same directory finds the pack without decoding, read-only and memory-mapped.
+    forbid_decoding(monkeypatch)
+    fresh = ClipCache(tmp_path / "cache")
+    assert fresh.missing(split.actions, WINDOW) == []
+    for clip, want in zip(clips, decoded, strict=True):
+        got = fresh.get(clip, WINDOW)
+        np.testing.assert_array_equal(got, want)
+        assert mmap_backed(got) and not got.flags.writeable
+    assert (fresh.hits, fresh.misses) == (len(clips), 0)
+    inode = path.stat().st_ino
+    assert fresh.pack(split.actions, WINDOW) == path and path.stat().st_ino == inode  # reused, not rewritten
+    # Pickled (spawned loader workers): the mapped pack is left out and loaded again on the first read.
+    clone = pickle.loads(pickle.dumps(fresh))
+    assert len(pickle.dumps(fresh)) < 10_000 and clone.hits == len(clips)
+    np.testing.assert_array_equal(clone.get(clips[-1], WINDOW), decoded[-1])
+    # Loader worker processes read through the pack too.
+    data = MultiViewDataset(split, WINDOW, fresh, views=None)
+    loader = make_loader(data, TrainingConfig(batch_size=4, num_workers=2, seed=0), shuffle=False)
+    got = {int(i): c for b in loader for i, c in zip(b["index"], b["clips"], strict=True)}
+    start = 0
+    for index, action in enumerate(split.actions):
+        n = len(action.clips)
+        np.testing.assert_array_equal(got[index][:n].numpy(), np.stack(decoded[start:start + n]))
+        start += n
+
+
+def test_replaced_clip_is_decoded_again_not_served_from_the_pack(tiny_mvfouls, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_mvfouls / "Train", root / "Train")
+    split = load_split(root, "Train")
+    actions = split.actions[:3]
+    cache = ClipCache(tmp_path / "cache")
+    cache.pack(actions, WINDOW)
+    n = sum(len(a.clips) for a in actions)
+    assert cache.misses == n
+    replaced = actions[1].clips[0]
+    write_clip(replaced.path, np.full((100, 36, 64, 3), 250, np.uint8))
+    os.utime(replaced.path, ns=(1, 1))
+    assert cache.missing(actions, WINDOW) == [(replaced, actions[1].action_id)]
+    again = cache.get(replaced, WINDOW)
+    assert cache.misses == n + 1 and again.min() > 200
+    for clip in actions[0].clips + actions[2].clips:  # the others are still read from the pack
+        np.testing.assert_array_equal(cache.get(clip, WINDOW), decode_clip(clip.path, WINDOW))
+    assert cache.misses == n + 1
+    # Packing again writes a new pack holding the new content.
+    fresh = ClipCache(tmp_path / "cache")
+    fresh.pack(actions, WINDOW)
+    assert fresh.misses == 0 and fresh.get(replaced, WINDOW).min() > 200
+    assert len(list((tmp_path / "cache" / "packs").glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong shape", "index of other clips"])
+def test_damaged_pack_is_ignored_and_its_clips_decoded_again(tiny_mvfouls, tmp_path, monkeypatch, damage):
+    split = load_split(tiny_mvfouls, "Test")
+    actions = split.actions[:3]
+    clips = [c for a in actions for c in a.clips]
+    decoded = [decode_clip(c.path, WINDOW) for c in clips]
+    path = ClipCache(tmp_path / "cache").pack(actions, WINDOW)
+    index_path = path.with_suffix(".json")
+    if damage == "truncated":
+        os.truncate(path, path.stat().st_size - 1000)
+    elif damage == "garbage":
+        path.write_bytes(b"not a numpy file")
+    elif damage == "wrong shape":
+        np.save(path, np.zeros((len(clips), 3, 8, 16, 16), np.uint8))
+    else:
+        index = json.loads(index_path.read_text())
+        index["keys"] = index["keys"][::-1]
+        index_path.write_text(json.dumps(index))
+    cache = ClipCache(tmp_path / "cache")
+    assert cache.missing(actions, WINDOW) == [(c, a.action_id) for a in actions for c in a.clips]
+    for clip, want in zip(clips, decoded, strict=True):
+        np.testing.assert_array_equal(cache.get(clip, WINDOW), want)
+    assert (cache.hits, cache.misses) == (0, len(clips))
+    # Packing again replaces the damaged pack; a fresh cache then reads it without decoding.
+    assert cache.pack(actions, WINDOW) == path and cache.misses == len(clips)
+    forbid_decoding(monkeypatch)
+    fresh = ClipCache(tmp_path / "cache")
+    for clip, want in zip(clips, decoded, strict=True):
+        np.testing.assert_array_equal(fresh.get(clip, WINDOW), want)
+    assert (fresh.hits, fresh.misses) == (len(clips), 0)
+
+
 def test_training_items_sample_k_views_deterministically(tiny_mvfouls, tmp_path):
     split = load_split(tiny_mvfouls, "Train")
     cache = ClipCache(tmp_path / "cache")
@@ -192,6 +301,16 @@ def test_load_data_reads_every_split(tiny_mvfouls, tmp_path):
     n_clips = sum(len(a.clips) for s in bundle.splits().values() for a in s.actions)
     assert bundle.warm(progress=False) == n_clips - 2 and bundle.warm(progress=False) == 0
     assert "Train: kept 8 of 11" in bundle.summary()
+    # warm packed every split: one pack each, no per-clip files left; a new bundle reads them without decoding.
+    packs = tmp_path / "cache" / "packs"
+    assert len(list(packs.glob("*.npy"))) == 4 and len(list(packs.glob("*.json"))) == 4
+    assert sorted(np.load(p, mmap_mode="r").shape[0] for p in packs.glob("*.npy")) == \
+        sorted(sum(len(a.clips) for a in s.actions) for s in bundle.splits().values())
+    assert not [p for p in cache_files(bundle.cache) if p.is_file()]
+    again = load_data(cfg)
+    item = again.dataset("Test", views=None)[5]
+    assert (again.cache.hits, again.cache.misses) == (len(again.test.actions[5].clips), 0)
+    assert torch.equal(item["clips"], bundle.dataset("Test", views=None)[5]["clips"])
 
 
 def test_load_data_defaults_to_the_synthetic_data_set(tiny_mvfouls, tmp_path, monkeypatch):

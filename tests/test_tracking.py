@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +15,77 @@ from pg import free_port
 
 from mvfouls_ab.errors import StudyError
 from mvfouls_ab.metrics import compute_detailed_metrics
-from mvfouls_ab.tracking import SPILL_NAME, MLflowSink, RunTracker, check_tracking_uri, replay_spill
+from mvfouls_ab.tracking import (
+    MAX_METRICS_PER_BATCH,
+    SPILL_NAME,
+    MLflowSink,
+    RunTracker,
+    check_tracking_uri,
+    coalesce_metrics,
+    make_client,
+    metric_items,
+    replay_spill,
+)
+
+N_METRICS = 158                                                   # one epoch of a study trial
+
+
+def epoch_metrics(step: int) -> dict[str, float]:
+    """N_METRICS distinct values, unique per (key, step)."""
+    return {f"m/{j:03d}": step * 1000.0 + j + 0.25 for j in range(N_METRICS)}
+
+
+class Recording:
+    """A real MlflowClient that also records the write calls the logger makes (name, metric count or file)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def create_run(self, *args, **kwargs):
+        self.calls.append(("create_run",))
+        return self.client.create_run(*args, **kwargs)
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.calls.append(("log_batch", len(metrics), len(params), len(tags)))
+        return self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+
+    def log_text(self, run_id, text, artifact_file):
+        self.calls.append(("log_text", artifact_file))
+        return self.client.log_text(run_id, text, artifact_file)
+
+    def set_terminated(self, run_id, status=None):
+        self.calls.append(("set_terminated", status))
+        return self.client.set_terminated(run_id, status=status)
+
+    def metric_batches(self) -> list[int]:
+        return [c[1] for c in self.calls if c[0] == "log_batch" and c[1]]
+
+
+def assert_all_metrics(client, run_id: str, steps) -> None:
+    for j in range(N_METRICS):
+        key = f"m/{j:03d}"
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert got == [(s, s * 1000.0 + j + 0.25) for s in steps], key
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in tmp_path: an in-process store puts its artifacts under ./mlruns."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_uri(request, in_tmp, tmp_path):
+    """A real MLflow tracking store opened in-process: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")
 
 
 def records(n_epochs: int, phases=("foundation", "scaling"), seed: int = 0):
@@ -52,8 +127,9 @@ def test_batched_logging_and_server_restart_lose_nothing(mlflow_sqlite_server, t
     for rec in recs[:3]:
         sink.log(rec)
     assert child.flush(30)
-    # one metrics batch + one confusion JSON per epoch, plus one phase-end pair of figures at the phase change
-    assert child.logger.requests - sent <= 3 * 2 + 2
+    # the 3 epochs' metrics merged into one log_batch (logged well within linger_s; 2 if the machine stalls for
+    # longer) + one confusion JSON each
+    assert child.logger.requests - sent <= 2 + 3
     assert len(recs[0].to_mlflow()) >= 100
 
     server.stop()                                                 # the server goes away mid-trial
@@ -62,8 +138,9 @@ def test_batched_logging_and_server_restart_lose_nothing(mlflow_sqlite_server, t
     assert sink.log_s < 5.0
     assert not child.flush(3.0)
     assert (tmp_path / SPILL_NAME).is_file()                      # pending operations are on disk too
-    spilled = [json.loads(line)["op"] for line in (tmp_path / SPILL_NAME).read_text().splitlines()]
-    assert spilled.count("metrics") == 3
+    spilled = [json.loads(line) for line in (tmp_path / SPILL_NAME).read_text().splitlines()]
+    spilled_steps = {item[3] for op in spilled if op["op"] in ("metrics", "metrics_multi") for item in metric_items(op)}
+    assert spilled_steps == {3, 4, 5}                             # merged or not, every pending epoch is in the file
     server.start()
     sink.close()
     assert child.end("FINISHED", flush_timeout=60)
@@ -98,7 +175,7 @@ def test_statuses_on_postgres_backend(mlflow_pg_server, tmp_path):
     assert run_k.info.status == "KILLED" and run_k.data.tags["pruned"] == "true"
 
 
-def test_unreachable_server_spills_and_replays(tmp_path):
+def test_unreachable_server_spills_and_replays(in_tmp, tmp_path):
     """Nothing answers: end() gives up after its timeout, the spill file keeps every operation for a replay."""
     dead = f"http://127.0.0.1:{free_port()}"
     tracker = RunTracker(dead, "replay-test", "offline", tags={"variant": "optimized"}, run_dir=tmp_path)
@@ -115,3 +192,162 @@ def test_unreachable_server_spills_and_replays(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("replay-test").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.01"
     assert len(client.get_metric_history(run.info.run_id, "val/leaderboard")) == 2
+
+
+# ---- coalescing --------------------------------------------------------------------------------------------------
+def test_coalesce_metrics_keeps_order_limit_and_barriers():
+    def metrics(step, n):
+        return {"op": "metrics", "step": step, "ts": 7, "values": {f"k{j}": float(j) for j in range(n)}}
+
+    text, terminate = {"op": "text", "file": "a.json", "text": "{}"}, {"op": "terminate", "status": "FINISHED"}
+    pending = [metrics(0, 400), text, metrics(1, 400), metrics(2, 400), terminate, metrics(3, 10)]
+    out = list(coalesce_metrics(pending, limit=1000))
+    assert len(pending) == 6                                      # the input is left as it is
+    assert out[0]["op"] == "metrics_multi" and out[0]["ops"] == 2  # epochs 0 and 1; epoch 2 would exceed the limit
+    assert [item[3] for item in out[0]["items"]] == [0] * 400 + [1] * 400
+    assert out[0]["items"][:2] == [["k0", 0.0, 7, 0], ["k1", 1.0, 7, 0]]
+    assert out[1:] == pending[1:2] + pending[3:]                  # the text was overtaken; nothing crosses the barrier
+    out = list(coalesce_metrics([metrics(0, 5), terminate, metrics(1, 5)]))
+    assert out[0]["ops"] == 1 and len(out[0]["items"]) == 5 and out[1:] == [terminate, metrics(1, 5)]
+    big = list(coalesce_metrics([metrics(0, 1500), metrics(1, 5)], limit=1000))  # one epoch > limit: taken whole
+    assert len(big[0]["items"]) == 1500 and big[1:] == [metrics(1, 5)]
+    nan = {"op": "metrics", "step": 0, "ts": 7, "values": {"a": float("nan"), "b": float("inf"), "c": 1.0}}
+    assert coalesce_metrics([nan])[0]["items"] == [["c", 1.0, 7, 0]]
+
+
+def test_epochs_are_merged_into_few_requests(store_uri):
+    """26 epochs x 158 metrics submitted at once: 5 log_batch requests of whole epochs (6 x 158 <= 1000), not 26."""
+    client = Recording(make_client(store_uri))
+    tracker = RunTracker(store_uri, "coalesce", "trial", client=client, linger_s=60.0)
+    assert tracker.wait_run_id(60)
+    for step in range(26):
+        tracker.log_metrics(epoch_metrics(step), step=step)
+    t0 = time.monotonic()
+    assert tracker.flush(60)
+    assert time.monotonic() - t0 < 30                             # never waited for linger_s
+    assert MAX_METRICS_PER_BATCH // N_METRICS == 6
+    assert client.metric_batches() == [6 * N_METRICS] * 4 + [2 * N_METRICS]
+    assert tracker.logger.requests == 1 + 5                       # create_run + metrics
+    assert tracker.end("FINISHED")
+    assert_all_metrics(client, tracker.run_id, range(26))
+
+
+def test_metrics_overtake_artifacts_but_not_terminate(in_tmp, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = Recording(make_client(store))
+    tracker = RunTracker(store, "ordering", "trial", client=client, linger_s=60.0)
+    assert tracker.wait_run_id(60)
+    for step in range(3):
+        tracker.log_metrics(epoch_metrics(step), step=step)
+        tracker.log_dict({"step": step}, f"confusion/epoch_{step:03d}.json")
+    tracker.set_tags({"best_epoch": 2})
+    time.sleep(0.5)                                               # the thread holds them all, lingering
+    assert tracker.logger.backlog == 7
+    assert tracker.end("FINISHED", flush_timeout=60)              # terminate: a barrier, sent without lingering
+    assert client.calls == [("create_run",), ("log_batch", 3 * N_METRICS, 0, 0),
+                            ("log_text", "confusion/epoch_000.json"), ("log_text", "confusion/epoch_001.json"),
+                            ("log_text", "confusion/epoch_002.json"), ("log_batch", 0, 0, 1),
+                            ("set_terminated", "FINISHED")]
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["best_epoch"] == "2"
+    assert_all_metrics(client, tracker.run_id, range(3))
+    for step in range(3):
+        path = client.download_artifacts(tracker.run_id, f"confusion/epoch_{step:03d}.json", str(tmp_path))
+        assert json.loads(Path(path).read_text()) == {"step": step}
+
+
+def test_linger_holds_metrics_until_flush_or_timeout(in_tmp, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = make_client(store)
+    held = RunTracker(store, "linger", "held", client=client, linger_s=60.0)
+    assert held.wait_run_id(60)
+    for step in range(3):
+        held.log_metrics(epoch_metrics(step), step=step)
+    time.sleep(1.0)
+    assert held.logger.backlog == 3                               # fewer than one request: waiting for more
+    assert client.get_metric_history(held.run_id, "m/000") == []
+    t0 = time.monotonic()
+    assert held.flush(60)
+    assert time.monotonic() - t0 < 10                             # well under linger_s
+    assert held.logger.requests == 1 + 1
+    assert_all_metrics(client, held.run_id, range(3))
+    held.end("FINISHED")
+
+    short = RunTracker(store, "linger", "short", client=client, linger_s=0.3)
+    assert short.wait_run_id(60)
+    short.log_metrics(epoch_metrics(0), step=0)
+    deadline = time.monotonic() + 30
+    while short.logger.backlog and time.monotonic() < deadline:  # no flush: sent once linger_s has passed
+        time.sleep(0.05)
+    assert short.logger.backlog == 0
+    assert_all_metrics(client, short.run_id, [0])
+    short.end("FINISHED")
+
+
+def test_merged_metrics_are_spilled_and_replayed(mlflow_sqlite_server, tmp_path):
+    """The server goes away after the run exists: the epochs are merged into one op, which is what the spill file
+    holds (with the artifacts and the terminate after it), and a replay after the restart stores all of it."""
+    server = mlflow_sqlite_server
+    tracker = RunTracker(server.url, "spill-merge", "trial", run_dir=tmp_path, linger_s=60.0)
+    run_id = tracker.wait_run_id(30)
+    assert run_id and tracker.flush(30)
+    server.stop()
+    try:
+        for step in range(5):
+            tracker.log_metrics(epoch_metrics(step), step=step)
+            tracker.log_dict({"step": step}, f"epoch_{step}.json")
+        assert not tracker.flush(2.0)
+        assert tracker.end("FINISHED", flush_timeout=1.0) is False
+    finally:
+        server.start()
+    spill = tmp_path / SPILL_NAME
+    ops = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert ops[0] == {"op": "bind", "run_id": run_id}
+    assert [op["op"] for op in ops[1:]] == ["metrics_multi"] + ["text"] * 5 + ["terminate"]
+    assert ops[1]["ops"] == 5 and len(ops[1]["items"]) == 5 * N_METRICS
+    assert replay_spill(spill, server.url) == len(ops)
+    client = MlflowClient(server.url)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_all_metrics(client, run_id, range(5))
+    assert {f"epoch_{i}.json" for i in range(5)} <= {a.path for a in client.list_artifacts(run_id)}
+
+
+# ---- MLflow telemetry ------------------------------------------------------------------------------------------
+TELEMETRY_PROBE = """
+import json, os, sys, threading
+started = []
+_start = threading.Thread.start
+def start(self):
+    started.append(self.name)
+    return _start(self)
+threading.Thread.start = start
+from mvfouls_ab.tracking import RunTracker
+tracker = RunTracker("sqlite:///" + sys.argv[1], "telemetry", "trial", linger_s=0.0)
+tracker.log_params({"lr": 0.1})
+tracker.log_metrics({"loss": 1.0}, step=0)
+assert tracker.end("FINISHED", flush_timeout=60)
+print(json.dumps({"env": os.environ.get("MLFLOW_DISABLE_TELEMETRY"), "threads": started}))
+"""
+
+
+def test_mlflow_telemetry_is_off_by_default(tmp_path):
+    """No MLflowTelemetryConsumer thread in our processes unless MLFLOW_DISABLE_TELEMETRY=false asks for one."""
+    # MLflow also turns telemetry off under CI or pytest: the probes run without those markers
+    ci = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "TF_BUILD",
+          "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION",
+          "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY"}
+    env = {k: v for k, v in os.environ.items() if k not in ci}
+    probes = {name: subprocess.Popen([sys.executable, "-c", TELEMETRY_PROBE, str(tmp_path / f"{name}.db")],
+                                     env={**env, **extra}, cwd=tmp_path, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+              for name, extra in (("default", {}), ("opted_in", {"MLFLOW_DISABLE_TELEMETRY": "false"}))}
+    out = {}
+    for name, proc in probes.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr
+        out[name] = json.loads(stdout.strip().splitlines()[-1])
+    assert out["default"]["env"] == "true"
+    assert not [t for t in out["default"]["threads"] if t.startswith("MLflowTelemetry")], out["default"]
+    # the probe does see the thread when telemetry is on (so the check above can fail)
+    assert out["opted_in"]["env"] == "false"
+    assert any(t.startswith("MLflowTelemetryConsumer") for t in out["opted_in"]["threads"]), out["opted_in"]

@@ -17,10 +17,13 @@ flashes towards its
 severity's colour while it grows (no offence: nothing, no card: white, yellow, red). Outside the event nothing
 depends on the class. Views differ: the live "Main camera center" view and close-ups carry the full signal, wide
 replays a weaker one, some camera types none at all; replays are slowed (the pattern runs `replay speed` times
-slower, so the window sees only its middle). Each action has its own signal gain (difficulty).
+slower, so the window sees only its middle). Each action has its own signal gain (difficulty). `CLUTTER` (0.1)
+shrinks everything that does not depend on the class (pitch tone, stripe width, pan, drift, position/size/colour
+jitter, a third distractor): with full clutter a head memorises the few rare-class examples by their clutter instead
+of learning what they share, and calibration (below) becomes a matter of luck.
 
 Imbalance that is real but solvable. Some actions of a frequent class *look like* a rare class (referees
-disagree too): `LOOKALIKES`, e.g. 40% of "no card" fouls show no flash, like "no offence". In the look-alike
+disagree too): `LOOKALIKES`, e.g. 65% of "no card" fouls show no flash, like "no offence". In the look-alike
 region a frequent class then outnumbers the rare one, so a plain cross-entropy model never predicts the rare class,
 while a model trained on class-balanced data does (at the cost of the frequent class's look-alikes).
 benchmarks/synth_calibration.py measures both on the product's CPU pipeline (README there).
@@ -44,7 +47,7 @@ from .. import labels
 from ..errors import MVFoulsError, located
 from .video import write_clip
 
-VERSION = 2                    # bump whenever generated content changes (cache folders carry it)
+VERSION = 3                    # bump whenever generated content changes (cache folders carry it)
 DEFAULT_SCALE = 0.5            # ~1,950 actions / ~4,450 clips: ~1 min on 2 cores (benchmarks/README.md)
 DEFAULT_SEED = 0
 MIN_PER_CLASS = 5              # every class of both tasks in every labelled split, whatever the scale
@@ -140,12 +143,13 @@ DISTRACTOR_RADIUS = (3.0, 5.0)
 STRIPE_CONTRAST = 1.06
 PAN_SPEED = 0.15
 GAIN_RANGE = (0.7, 1.0)   # per-action signal gain (difficulty)
+CLUTTER = 0.1             # scales every class-independent variation (pitch tone, stripes, pan, drift, jitter)
 # Ambiguity: (task, frequent class) -> (rare class it looks like, share of the frequent class that does).
 LOOKALIKES = {
-    ("action", 1): (4, 0.30),    # Standing tackling that looks like Pushing
-    ("action", 6): (7, 0.20),    # Challenge that looks like a Dive
-    ("severity", 1): (0, 0.40),  # no-card foul that looks like no offence
-    ("severity", 2): (3, 0.12),  # yellow that looks like red
+    ("action", 1): (4, 0.50),    # Standing tackling that looks like Pushing
+    ("action", 6): (7, 0.45),    # Challenge that looks like a Dive
+    ("severity", 1): (0, 0.65),  # no-card foul that looks like no offence
+    ("severity", 2): (3, 0.20),  # yellow that looks like red
 }
 
 
@@ -344,8 +348,14 @@ def _smooth_path(rng: np.random.Generator, t: np.ndarray, amplitude: float) -> n
     """A smooth random walk-like 1D path (sum of slow sinusoids)."""
     out = np.zeros_like(t)
     for _ in range(3):
-        out += amplitude * rng.uniform(0.2, 1.0) * np.sin(2 * np.pi * (t / rng.uniform(60, 200) + rng.random()))
+        out += CLUTTER * amplitude * rng.uniform(0.2, 1.0) * np.sin(2 * np.pi * (t / rng.uniform(60, 200) + rng.random()))
     return out
+
+
+def _jitter(rng: np.random.Generator, low: float, high: float) -> float:
+    """A uniform draw in [low, high] shrunk towards the middle by CLUTTER (one draw either way: same stream)."""
+    mid = (low + high) / 2
+    return mid + (rng.uniform(low, high) - mid) * CLUTTER
 
 
 def render_view(look_action: int, look_severity: int, gain: float, view: ViewSpec,
@@ -361,13 +371,13 @@ def render_view(look_action: int, look_severity: int, gain: float, view: ViewSpe
     env = np.cos(np.pi * u / 2) ** 2                       # 0 outside the event, 1 at its peak
     w = u / view.replay_speed                              # replays: the pattern runs slower
     # Pitch: mowing stripes that pan with the camera; a few tones, as palette indices 0/1.
-    pan = rng.uniform(-PAN_SPEED, PAN_SPEED) * t + _smooth_path(rng, t, 2.0)
-    stripe = rng.uniform(12, 22) / zoom
+    pan = _jitter(rng, -PAN_SPEED, PAN_SPEED) * t + _smooth_path(rng, t, 2.0)
+    stripe = _jitter(rng, 12, 22) / zoom
     xs = np.arange(WIDTH, dtype=np.float32)
     ys = np.arange(HEIGHT, dtype=np.float32)
     index = ((np.floor((xs[None, :] + pan[:, None]) / stripe) % 2).astype(np.uint8))[:, None, :]
     index = np.broadcast_to(index, (n, HEIGHT, WIDTH)).copy()
-    green = np.array([rng.uniform(50, 70), rng.uniform(125, 145), rng.uniform(50, 70)], np.float32)
+    green = np.array([_jitter(rng, 50, 70), _jitter(rng, 125, 145), _jitter(rng, 50, 70)], np.float32)
     palette = [np.broadcast_to(green, (n, 3)), np.broadcast_to(green * STRIPE_CONTRAST, (n, 3))]
 
     def blob(cx: np.ndarray, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray, colour: np.ndarray) -> None:
@@ -381,27 +391,27 @@ def render_view(look_action: int, look_severity: int, gain: float, view: ViewSpe
         palette.append(np.broadcast_to(colour, (n, 3)))
 
     teams = rng.choice(len(TEAM_COLOURS), size=2, replace=False)
-    for k in range(int(rng.integers(2, 4))):               # distractor players, class-independent
-        cx = rng.uniform(10, WIDTH - 10) + _smooth_path(rng, t, 14.0) - pan * 0.5
-        cy = rng.uniform(8, HEIGHT - 8) + _smooth_path(rng, t, 6.0)
+    for k in range(2 + int(rng.random() < 0.5 * CLUTTER)):  # distractor players around a formation
+        cx = WIDTH * (0.15 + 0.35 * k) + _jitter(rng, -20, 20) + _smooth_path(rng, t, 14.0) - pan * 0.5
+        cy = HEIGHT * (0.25 if k % 2 == 0 else 0.75) + _jitter(rng, -10, 10) + _smooth_path(rng, t, 6.0)
         r = np.full(n, rng.uniform(*DISTRACTOR_RADIUS) * zoom, np.float32)
-        blob(cx, cy, r, r, TEAM_COLOURS[teams[k % 2]] * rng.uniform(0.85, 1.15))
+        blob(cx, cy, r, r, TEAM_COLOURS[teams[k % 2]] * _jitter(rng, 0.85, 1.15))
     # The main player: a class-independent drift, plus the event's motion pattern.
     vx, vy, sx, sy, stretch, partner = ACTION_PATTERNS[look_action]
     sweep = np.sin(np.pi * w) * g * SWEEP_PX * zoom
     shake = np.sin(2 * np.pi * SHAKE_CYCLES * w) * env * g * SHAKE_PX * zoom
-    cx = WIDTH / 2 + rng.uniform(-12, 12) + _smooth_path(rng, t, 6.0) + vx * sweep + sx * shake
-    cy = HEIGHT / 2 + rng.uniform(-6, 6) + _smooth_path(rng, t, 3.0) + vy * sweep + sy * shake
-    size = BLOB_RADIUS * zoom * rng.uniform(0.85, 1.15) * (1 + SEVERITY_GROWTH[look_severity] * g * env)
+    cx = WIDTH / 2 + _jitter(rng, -12, 12) + _smooth_path(rng, t, 6.0) + vx * sweep + sx * shake
+    cy = HEIGHT / 2 + _jitter(rng, -6, 6) + _smooth_path(rng, t, 3.0) + vy * sweep + sy * shake
+    size = BLOB_RADIUS * zoom * _jitter(rng, 0.85, 1.15) * (1 + SEVERITY_GROWTH[look_severity] * g * env)
     rx = size * (1 + stretch * 0.6 * g * env)
     ry = size * (1 - stretch * 0.45 * g * env)
     # The partner (holding): an opponent attached to the player's side while the event lasts.
     side = rng.choice([-1.0, 1.0])
     shown = env * g * partner > 0.2
     blob(np.where(shown, cx + side * size * 1.1, -1000.0), cy, size, size,
-         TEAM_COLOURS[teams[1]] * rng.uniform(0.85, 1.15))
-    base = MAIN_COLOUR * rng.uniform(0.85, 1.15)
-    blend = (SEVERITY_BLEND[look_severity] * g * rng.uniform(0.8, 1.2) * env)[:, None]
+         TEAM_COLOURS[teams[1]] * _jitter(rng, 0.85, 1.15))
+    base = MAIN_COLOUR * _jitter(rng, 0.85, 1.15)
+    blend = (SEVERITY_BLEND[look_severity] * g * _jitter(rng, 0.8, 1.2) * env)[:, None]
     colour = base[None, :] * (1 - blend) + SEVERITY_COLOURS[look_severity][None, :] * blend
     blob(cx, cy, rx, ry, colour)
     pal = np.clip(np.stack(palette, axis=1), 0, 255).astype(np.uint8)       # [T, K, 3]

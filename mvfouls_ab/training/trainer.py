@@ -542,7 +542,10 @@ class Trainer:
         if cfg.feature_mode == "end_to_end" and spec.backbone_lr_mult > 0:
             groups.append({"params": list(self.model.backbone.parameters()),
                            "lr": spec.lr * spec.backbone_lr_mult * scale})
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        # fused: one kernel per step over all parameters instead of a Python loop per tensor (~1 ms of ~10 ms per
+        # step for the CPU heads); available for float parameters on CPU and CUDA.
+        fused = self.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused)
         if cfg.scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(spec.epochs, 1))
         elif cfg.scheduler == "step":
@@ -716,6 +719,9 @@ class Trainer:
         from ..data.video import ClipWindow
 
         window, cache = ClipWindow.from_config(self.cfg), self._clip_cache()
+        # Decode what is missing once and consolidate the split into one memory-mapped pack: every later epoch
+        # reads each clip window as a slice of it (benchmarks/data_pipeline.py).
+        cache.pack(split.actions, window, workers=int(self.cfg.num_workers))
         return (MultiViewDataset(split, window, cache, views=self.cfg.train_views, seed=self.cfg.seed),
                 MultiViewDataset(split, window, cache, views=None, seed=self.cfg.seed))
 
