@@ -550,9 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[Any] | None = None
-               ) -> tuple[Any, StudyContext, RunTracker, int]:
-    """Validate the inputs, open (or join) the study and its MLflow parent run, load the data once."""
+def join_study(args: argparse.Namespace, pruner: Any = None) -> tuple[dict, TrainingConfig, Any, int]:
+    """Validate the inputs and open (or create) the Optuna study: (search space, base config, study, until)."""
     import optuna
 
     space = load_search_space(args.search_space)
@@ -568,6 +567,13 @@ def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[A
                                 pruner=pruner or make_pruner(args.pruner, max_epochs(space, base)),
                                 load_if_exists=True)
     until = args.until if args.until is not None else finished_count(study) + args.trials
+    return space, base, study, until
+
+
+def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[Any] | None = None
+               ) -> tuple[Any, StudyContext, RunTracker, int]:
+    """Validate the inputs, open (or join) the study and its MLflow parent run, load the data once."""
+    space, base, study, until = join_study(args, pruner)
     out = (Path(args.out) / args.study_name).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -597,15 +603,25 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     """The whole study: open it, start extra workers, optimize until the trial budget, rank and report."""
     import optuna
 
-    study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks)
     coordinator = args.worker_index == 0
-    out = ctx.out
     procs = []
     if coordinator and args.workers > 1:
+        # Start the other workers as soon as the inputs are valid and the study exists, so that their start-up
+        # (imports, data and feature loading: several seconds) overlaps ours instead of delaying their first trial.
+        # Concurrent first-time data generation and feature extraction wait on file locks, so nothing is done twice.
+        _, _, _, args.until = join_study(args)
         for i in range(1, args.workers):
             cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
-                   "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
+                   "--until", str(args.until), "--workers", "1", "--threads", str(args.threads)]
             procs.append(subprocess.Popen(cmd))
+    try:
+        study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks)
+    except BaseException:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+        raise
+    out = ctx.out
 
     callbacks = [optuna.study.MaxTrialsCallback(until, states=(optuna.trial.TrialState.COMPLETE,
                                                                 optuna.trial.TrialState.PRUNED)),

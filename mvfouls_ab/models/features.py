@@ -8,6 +8,7 @@ from the annotations on every call. Files are written to a temporary name and re
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -135,6 +136,13 @@ def _load(path: Path, action_ids: list[str]) -> tuple[np.ndarray, np.ndarray] | 
         return None
 
 
+def _write_meta(meta: Path, info: dict) -> None:
+    if not meta.exists():
+        tmp = meta.with_name(f".meta.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, meta)
+
+
 def load_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCache,
                   progress: bool = True) -> FeatureSet:
     """Per-view embeddings of `split` with cfg's backbone: read from the feature cache, or computed once and cached."""
@@ -142,18 +150,19 @@ def load_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCache
     path = feature_path(cache, key, split.split)
     action_ids = [a.action_id for a in split.actions]
     loaded = _load(path, action_ids)
-    computed = loaded is None
+    computed = False
     if loaded is None:
-        feats, mask = compute_features(cfg, split, cache, progress)
-        _save(path, feats=feats, view_mask=mask, action_ids=np.array(action_ids, dtype=str))
-        meta = path.parent / "meta.json"
-        if not meta.exists():
-            tmp = meta.with_name(f".meta.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_text(json.dumps({**parts, "frame_size": cfg.frame_size, "num_frames": cfg.num_frames},
-                                      indent=1))
-            os.replace(tmp, meta)
-    else:
-        feats, mask = loaded
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f"{split.split}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # one process computes; workers started with it wait, then read it
+            loaded = _load(path, action_ids)
+            if loaded is None:
+                computed = True
+                loaded = compute_features(cfg, split, cache, progress)
+                _save(path, feats=loaded[0], view_mask=loaded[1], action_ids=np.array(action_ids, dtype=str))
+                _write_meta(path.parent / "meta.json", {**parts, "frame_size": cfg.frame_size,
+                                                        "num_frames": cfg.num_frames})
+    feats, mask = loaded
     targets = split.targets()
     return FeatureSet(torch.from_numpy(np.ascontiguousarray(feats, np.float32)), torch.from_numpy(mask.astype(bool)),
                       torch.from_numpy(targets["action"]), torch.from_numpy(targets["severity"]), action_ids,
