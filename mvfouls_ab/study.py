@@ -609,7 +609,10 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
         # Start the other workers as soon as the inputs are valid and the study exists, so that their start-up
         # (imports, data and feature loading: several seconds) overlaps ours instead of delaying their first trial.
         # Concurrent first-time data generation and feature extraction wait on file locks, so nothing is done twice.
-        _, _, _, args.until = join_study(args)
+        _, _, _, args.until = join_study(args)          # validates the inputs; creates Optuna's tables
+        from .tracking import init_store
+
+        init_store(args.tracking_uri)                       # and MLflow's (concurrent first opens race)
         for i in range(1, args.workers):
             cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
                    "--until", str(args.until), "--workers", "1", "--threads", str(args.threads)]

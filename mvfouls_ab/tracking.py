@@ -93,9 +93,9 @@ def check_tracking_uri(uri: str) -> str:
 def init_store(uri: str) -> None:
     """Create a database-backed MLflow store's tables once, before several worker processes open it at the same
     time (concurrent first opens race on the schema migration)."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=check_tracking_uri(uri)).search_experiments(max_results=1)
+    if check_tracking_uri(uri).startswith(("http://", "https://")):
+        return                                          # a tracking server migrates its own store
+    make_client(uri).search_experiments(max_results=1)
 
 
 def normalize_db_url(url: str) -> str:
