@@ -58,6 +58,7 @@ from .tracking import (
     data_fingerprint,
     git_commit,
     normalize_db_url,
+    wait_closed,
 )
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,9 @@ def trial_run_dir(ctx: StudyContext, trial: Any) -> tuple[Path, int | None]:
 
 
 def objective(trial: Any, ctx: StudyContext) -> float:
+    """One trial: the full trainer with the sampled config, logged to its MLflow child run; returns the Valid
+    leaderboard. The run's last sends (metrics, figures, artifacts, status) finish in a closing thread while the
+    next trial trains: call `wait_closed()` before reading the run (run() does)."""
     import optuna
 
     from .monitoring import ConsoleSink
@@ -367,7 +371,7 @@ def objective(trial: Any, ctx: StudyContext) -> float:
         result = Trainer(cfg, ctx.data, sinks, run_dir, resume=True).run()
     except optuna.TrialPruned:
         tracker.set_tags({"pruned": "true"})
-        tracker.end("KILLED")
+        tracker.end("KILLED", wait=False)         # the run finishes sending while the next trial starts
         _late_run_id(trial, tracker)
         raise
     except BaseException as exc:
@@ -387,7 +391,7 @@ def objective(trial: Any, ctx: StudyContext) -> float:
     passed = ranking.checks(summary["valid"])
     tracker.set_tags({"targets_met_valid": f"{sum(passed.values())}/{len(passed)}",
                       "all_targets_valid": all(passed.values())})
-    tracker.end("FINISHED")
+    tracker.end("FINISHED", wait=False)          # the run finishes sending while the next trial starts
     _late_run_id(trial, tracker)
     return float(result.official["valid"]["leaderboard_value"])
 
@@ -634,6 +638,7 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     if not stop:
         study.optimize(lambda t: objective(t, ctx), n_trials=None, timeout=args.timeout, callbacks=callbacks,
                        catch=(MVFoulsError, RuntimeError, ValueError, FloatingPointError), gc_after_trial=True)
+    wait_closed()                                     # trial runs still sending (ended with wait=False)
     for proc in procs:
         proc.wait()
     elapsed = time.time() - t0

@@ -22,6 +22,7 @@ never waits. ``end()`` flushes; if the server is still down after ``flush_timeou
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import logging
@@ -511,8 +512,13 @@ class RunTracker:
         return self.logger.flush(timeout)
 
     def end(self, status: str = "FINISHED", error: BaseException | str | None = None,
-            flush_timeout: float = 120.0) -> bool:
-        """Set the final status (FINISHED, FAILED with the error as a tag, KILLED) and flush everything."""
+            flush_timeout: float = 120.0, wait: bool = True) -> bool:
+        """Set the final status (FINISHED, FAILED with the error as a tag, KILLED) and flush everything.
+
+        wait=False: the flush (the last metrics, figures, artifacts, the status) goes on in a closing thread while
+        the caller moves on (a study's next trial); `wait_closed()` waits for those threads, and runs at exit.
+        Returns False when the server stayed unreachable (the spill file keeps the rest); True when not waiting.
+        """
         if self.ended:
             return True
         assert status in TERMINAL_STATUSES, status
@@ -521,7 +527,31 @@ class RunTracker:
             self.set_tags({"error": text[:4900]})
         self.logger.submit({"op": "terminate", "status": status})
         self.ended = True
-        return self.logger.close(flush_timeout)
+        if wait:
+            return self.logger.close(flush_timeout)
+        closing = threading.Thread(target=self.logger.close, args=(flush_timeout,), name="mlflow-close",
+                                   daemon=True)
+        closing.start()
+        with _CLOSING_LOCK:
+            _CLOSING.append(closing)
+        return True
+
+
+_CLOSING: list[threading.Thread] = []       # runs ended with wait=False that are still sending
+_CLOSING_LOCK = threading.Lock()
+
+
+def wait_closed(timeout: float = 120.0) -> None:
+    """Wait until every run ended with ``end(wait=False)`` has sent everything (or spilled it after ``timeout``)."""
+    while True:
+        with _CLOSING_LOCK:
+            if not _CLOSING:
+                return
+            closing = _CLOSING.pop()
+        closing.join(timeout)
+
+
+atexit.register(wait_closed)
 
 
 def _plain(v: Any) -> Any:

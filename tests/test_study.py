@@ -119,6 +119,7 @@ def test_sqlite_study_tracks_ranks_and_prunes(setup, tmp_path, capsys):
     args = study_mod.parse_args(argv(setup, tmp_path, "sq", storage, tracking))
     st, ctx, tracker, _ = study_mod.open_study(args, pruner=optuna.pruners.ThresholdPruner(lower=1000.0))
     st.optimize(lambda t: study_mod.objective(t, ctx), n_trials=1)
+    study_mod.wait_closed()                         # objective() ends trial runs without waiting; run() waits
     pruned = st.trials[-1]
     assert pruned.state == optuna.trial.TrialState.PRUNED and pruned.user_attrs["epochs_done"] == 1
     run = client.get_run(pruned.user_attrs["mlflow_run_id"])

@@ -25,6 +25,7 @@ from mvfouls_ab.tracking import (
     make_client,
     metric_items,
     replay_spill,
+    wait_closed,
 )
 
 N_METRICS = 158                                                   # one epoch of a study trial
@@ -254,6 +255,28 @@ def test_metrics_overtake_artifacts_but_not_terminate(in_tmp, tmp_path):
     for step in range(3):
         path = client.download_artifacts(tracker.run_id, f"confusion/epoch_{step:03d}.json", str(tmp_path))
         assert json.loads(Path(path).read_text()) == {"step": step}
+
+
+def test_end_without_waiting_sends_the_rest_in_the_background(in_tmp, tmp_path):
+    """A study trial ends its run with wait=False: end() returns at once, the closing thread sends the lingering
+    metrics, the artifact and the status; wait_closed() waits for it (the study calls it before ranking)."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = Recording(make_client(store))
+    tracker = RunTracker(store, "closing", "trial", client=client, linger_s=60.0)
+    assert tracker.wait_run_id(60)
+    for step in range(4):
+        tracker.log_metrics(epoch_metrics(step), step=step)
+    tracker.log_dict({"best": 3}, "best.json")
+    t0 = time.monotonic()
+    assert tracker.end("FINISHED", wait=False)
+    assert time.monotonic() - t0 < 0.5                            # the caller did not wait for the sends
+    wait_closed(60)
+    assert not tracker.logger.backlog and not tracker.logger._thread.is_alive()
+    assert client.calls[-1] == ("set_terminated", "FINISHED")
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert_all_metrics(client, tracker.run_id, range(4))
+    path = client.download_artifacts(tracker.run_id, "best.json", str(tmp_path))
+    assert json.loads(Path(path).read_text()) == {"best": 3}
 
 
 def test_linger_holds_metrics_until_flush_or_timeout(in_tmp, tmp_path):
