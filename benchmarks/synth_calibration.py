@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - started:.0f} s, source={args.source})")
     ok = True
     for task, names in labels.TASKS.items():
-        (ftr, mtr, ytr), (fte, mte, yte) = data["Train"], data["Test"]
+        ytr, (fte, mte, yte) = data["Train"][2], data["Test"]
         counts = np.bincount(ytr[task], minlength=len(names))
         rarest = [int(c) for c in np.argsort(counts, kind="stable")[:2]]
         print(f"\n{task}: Train counts {counts.tolist()}, Test counts "

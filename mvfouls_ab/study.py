@@ -607,27 +607,16 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     """The whole study: open it, start extra workers, optimize until the trial budget, rank and report."""
     import optuna
 
+    # The other workers start once the study and its MLflow parent run exist (they join both; starting them
+    # earlier lets two workers each create a parent run).
+    study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks)
     coordinator = args.worker_index == 0
     procs = []
     if coordinator and args.workers > 1:
-        # Start the other workers as soon as the inputs are valid and the study exists, so that their start-up
-        # (imports, data and feature loading: several seconds) overlaps ours instead of delaying their first trial.
-        # Concurrent first-time data generation and feature extraction wait on file locks, so nothing is done twice.
-        _, _, _, args.until = join_study(args)          # validates the inputs; creates Optuna's tables
-        from .tracking import init_store
-
-        init_store(args.tracking_uri)                       # and MLflow's (concurrent first opens race)
         for i in range(1, args.workers):
             cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
-                   "--until", str(args.until), "--workers", "1", "--threads", str(args.threads)]
+                   "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
             procs.append(subprocess.Popen(cmd))
-    try:
-        study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks)
-    except BaseException:
-        for proc in procs:
-            proc.terminate()
-            proc.wait()
-        raise
     out = ctx.out
 
     callbacks = [optuna.study.MaxTrialsCallback(until, states=(optuna.trial.TrialState.COMPLETE,

@@ -431,7 +431,7 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> int:
         client.log_text(state.run_id, op["text"], op["file"])
     elif kind == "figure":
         fig = FIGURES[op["kind"]](**op["data"])
-        client.log_text(state.run_id, pio.to_html(fig, include_plotlyjs="cdn", full_html=True), op["file"])
+        client.log_text(state.run_id, figure_html(fig), op["file"])
     elif kind == "artifact":
         if not Path(op["path"]).exists():
             return 0
@@ -503,7 +503,7 @@ class RunTracker:
     def log_figure(self, fig, artifact_file: str) -> None:
         """A plotly figure as a standalone HTML artifact (plotly.js from the CDN, like mlflow.log_figure)."""
         self.logger.submit({"op": "text", "file": artifact_file,
-                            "text": pio.to_html(fig, include_plotlyjs="cdn", full_html=True)})
+                            "text": figure_html(fig)})
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.logger.submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
@@ -565,6 +565,11 @@ def _plain(v: Any) -> Any:
 
 
 # ---- figures ------------------------------------------------------------------------------------------------
+def figure_html(fig) -> str:
+    """A plotly figure as a standalone HTML page, plotly.js from the CDN (like mlflow.log_figure)."""
+    return pio.to_html(fig, include_plotlyjs="cdn", full_html=True)
+
+
 def confusion_figure(matrices: Mapping[str, Any], title: str):
     """Side-by-side heatmaps of the confusion matrices (rows = true class, columns = predicted)."""
 

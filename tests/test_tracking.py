@@ -233,11 +233,17 @@ def test_epochs_are_merged_into_few_requests(store_uri):
     assert_all_metrics(client, tracker.run_id, range(26))
 
 
-def test_metrics_overtake_artifacts_but_not_terminate(in_tmp, tmp_path):
+def lingering_run(tmp_path, experiment):
+    """(recording client, tracker) of a new run in a SQLite store whose logger lingers 60 s over metrics."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = Recording(make_client(store))
-    tracker = RunTracker(store, "ordering", "trial", client=client, linger_s=60.0)
+    tracker = RunTracker(store, experiment, "trial", client=client, linger_s=60.0)
     assert tracker.wait_run_id(60)
+    return client, tracker
+
+
+def test_metrics_overtake_artifacts_but_not_terminate(in_tmp, tmp_path):
+    client, tracker = lingering_run(tmp_path, "ordering")
     for step in range(3):
         tracker.log_metrics(epoch_metrics(step), step=step)
         tracker.log_dict({"step": step}, f"confusion/epoch_{step:03d}.json")
@@ -260,10 +266,7 @@ def test_metrics_overtake_artifacts_but_not_terminate(in_tmp, tmp_path):
 def test_end_without_waiting_sends_the_rest_in_the_background(in_tmp, tmp_path):
     """A study trial ends its run with wait=False: end() returns at once, the closing thread sends the lingering
     metrics, the artifact and the status; wait_closed() waits for it (the study calls it before ranking)."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = Recording(make_client(store))
-    tracker = RunTracker(store, "closing", "trial", client=client, linger_s=60.0)
-    assert tracker.wait_run_id(60)
+    client, tracker = lingering_run(tmp_path, "closing")
     for step in range(4):
         tracker.log_metrics(epoch_metrics(step), step=step)
     tracker.log_dict({"best": 3}, "best.json")

@@ -446,11 +446,10 @@ class DataBundle:
         """Decode every clip of every split once, then pack each split (`ClipCache.pack`: later reads are a
         slice of one memory-mapped array per split). Returns clips decoded."""
         assert self.cache is not None and self.window is not None
-        decoded = 0
+        before = self.cache.misses
         for split in self.splits().values():
-            decoded += self.cache.warm(split.actions, self.window, workers, progress)
-            self.cache.pack(split.actions, self.window, progress=progress)
-        return decoded
+            self.cache.pack(split.actions, self.window, workers, progress)   # decodes what is missing first
+        return self.cache.misses - before
 
     def summary(self) -> str:
         return "; ".join(s.summary() for s in self.splits().values())
