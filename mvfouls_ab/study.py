@@ -476,30 +476,58 @@ def parent_run(study: Any, args: argparse.Namespace, ctx_tags: dict[str, Any]) -
     """The study's parent run: created once and linked from the study's user attrs; joined by later workers."""
     from .tracking import make_client
 
+    if args.worker_index > 0:     # started by a coordinator: it creates the parent run (and MLflow's tables)
+        run_id = wait_for_parent_run(args)
+        return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=run_id)
     client = make_client(args.tracking_uri)
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id:
+    found = study.user_attrs.get("mlflow_parent_run_id")
+    if found:
         try:
-            client.get_run(run_id)
+            client.get_run(found)
+            return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=found, client=client)
         except Exception:  # noqa: BLE001 - a deleted or foreign run id: start a new parent run
-            run_id = None
-    if run_id:
-        return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=run_id, client=client)
+            pass
     tracker = RunTracker(args.tracking_uri, study.study_name, f"study-{study.study_name}",
                          tags={**ctx_tags, "role": "study"}, client=client)
     run_id = tracker.wait_run_id(timeout=60.0)
     if not run_id:
         raise StudyError(located("--tracking-uri", f"MLflow at {args.tracking_uri} did not answer in 60 s",
                                  f"start the tracking server, or use the local default {DEFAULT_TRACKING_URI}"))
-    study.set_user_attr("mlflow_parent_run_id", run_id)
+    winner = claim_parent_run(study, run_id, found)
+    study.set_user_attr("mlflow_parent_run_id", winner)
     study.set_user_attr("mlflow_experiment", study.study_name)
     study.set_user_attr("mlflow_tracking_uri", args.tracking_uri)
-    winner = study.user_attrs.get("mlflow_parent_run_id")      # another worker may have raced us
-    if winner != run_id:
+    if winner != run_id:          # another worker started at the same time and claimed first
         tracker.end("KILLED")
         client.delete_run(run_id)
         return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=winner, client=client)
     return tracker
+
+
+def claim_parent_run(study: Any, run_id: str, found: str | None, settle_s: float = 0.5) -> str:
+    """The parent run that workers started at the same time all adopt: the first claim written.
+
+    Each claims under a key named after what it found (no parent run, or a stale one), so racing workers compete
+    for one key. A worker writes only when the key is absent, and Optuna's RDB storage inserts a new attribute
+    once (a racing insert's IntegrityError is ignored), so the first claim stays. Only a claim that found the key
+    absent microseconds before another's commit can overwrite it; reading back after ``settle_s`` makes every
+    worker see the last write.
+    """
+    key = f"mlflow_parent_claim:{found or 'none'}"
+    if key not in study.user_attrs:
+        study.set_user_attr(key, run_id)
+        time.sleep(settle_s)
+    return study.user_attrs[key]
+
+
+def wait_for_parent_run(args: argparse.Namespace) -> str:
+    """A worker started by a coordinator (``--workers N``) gets the parent run id on its stdin once the
+    coordinator has loaded its data and created the run; an end of input means the coordinator failed first."""
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise StudyError(f"worker {args.worker_index}: the coordinating process ended before it created the "
+                         f"study's MLflow parent run; see its error above")
+    return line
 
 
 def log_study_plots(study: Any, tracker: RunTracker) -> None:
@@ -574,10 +602,12 @@ def join_study(args: argparse.Namespace, pruner: Any = None) -> tuple[dict, Trai
     return space, base, study, until
 
 
-def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[Any] | None = None
+def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[Any] | None = None,
+               joined: tuple[dict, TrainingConfig, Any, int] | None = None
                ) -> tuple[Any, StudyContext, RunTracker, int]:
-    """Validate the inputs, open (or join) the study and its MLflow parent run, load the data once."""
-    space, base, study, until = join_study(args, pruner)
+    """Validate the inputs, open (or join) the study and its MLflow parent run, load the data once.
+    ``joined``: what `join_study` returned when the caller opened the Optuna study already."""
+    space, base, study, until = joined or join_study(args, pruner)
     out = (Path(args.out) / args.study_name).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -607,16 +637,25 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     """The whole study: open it, start extra workers, optimize until the trial budget, rank and report."""
     import optuna
 
-    # The other workers start once the study and its MLflow parent run exist (they join both; starting them
-    # earlier lets two workers each create a parent run).
-    study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks)
+    # The Optuna study (and its tables) exists before the other workers start, so they join rather than race to
+    # create it. They start at once and load their data while this process does; each then waits for the
+    # parent run id on its stdin (MLflow's tables and the parent run are created here, once).
+    joined = join_study(args)
     coordinator = args.worker_index == 0
-    procs = []
-    if coordinator and args.workers > 1:
-        for i in range(1, args.workers):
-            cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
-                   "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
-            procs.append(subprocess.Popen(cmd))
+    procs = start_workers(args, until=joined[3]) if coordinator and args.workers > 1 else []
+    try:
+        study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks, joined=joined)
+    except BaseException:
+        for proc in procs:          # their stdin closes: they stop with "the coordinating process ended"
+            proc.stdin.close()
+            proc.wait()
+        raise
+    for proc in procs:
+        try:
+            proc.stdin.write(f"{tracker.run_id}\n")
+            proc.stdin.close()
+        except OSError:             # that worker failed already (its error is on stderr); the others go on
+            pass
     out = ctx.out
 
     callbacks = [optuna.study.MaxTrialsCallback(until, states=(optuna.trial.TrialState.COMPLETE,
@@ -641,6 +680,16 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     tracker.end("FINISHED")
     print_report(study, saved, args, out, elapsed)
     return {"study": study, "elapsed": elapsed, **saved}
+
+
+def start_workers(args: argparse.Namespace, until: int) -> list[subprocess.Popen]:
+    """Worker processes 1..N-1 of ``--workers N`` (this process is worker 0, the coordinator)."""
+    procs = []
+    for i in range(1, args.workers):
+        cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
+               "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True))
+    return procs
 
 
 class FailureBudget:

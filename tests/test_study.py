@@ -205,3 +205,64 @@ def test_killed_worker_trial_is_retried_and_resumes(setup, tmp_path, pg_url):
     history = client.get_metric_history(run.info.run_id, "val/leaderboard")
     assert sorted(m.step for m in history) == list(range(6))
     assert all(m.timestamp > killed_ms for m in history if m.step >= killed_at)
+
+
+def test_workers_started_together_adopt_one_parent_run(tmp_path, pg_url, mlflow_pg_server):
+    """Independently started workers (compose replicas) race to create the study's MLflow parent run: all adopt
+    the first claim, the others' runs are deleted. First a forced loss, then four threads released at once."""
+    import threading
+
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(mlflow_pg_server.url)
+    storage = normalize_db_url(pg_url)
+
+    def args(name):
+        return study_mod.parse_args(["--study-name", name, "--storage", pg_url,
+                                     "--tracking-uri", mlflow_pg_server.url, "--out", str(tmp_path)])
+
+    # A worker that finds another's claim (made after it looked for a parent run) loses and deletes its own run.
+    st = optuna.create_study(study_name="claimed", storage=storage)
+    other = client.create_run(client.create_experiment("claimed"), tags={"role": "study"}).info.run_id
+    st.set_user_attr("mlflow_parent_claim:none", other)
+    tracker = study_mod.parent_run(st, args("claimed"), {})
+    assert tracker.run_id == other == st.user_attrs["mlflow_parent_run_id"]
+    assert [r.info.run_id for r in client.search_runs([client.get_experiment_by_name("claimed").experiment_id])] \
+        == [other]
+    assert len(client.search_runs([client.get_experiment_by_name("claimed").experiment_id],
+                                  run_view_type=ViewType.ALL)) == 2      # its own run was created, then deleted
+
+    # Four workers released together: one parent run, the same for all of them.
+    optuna.create_study(study_name="race", storage=storage)
+    barrier, got, errors = threading.Barrier(4), [], []
+
+    def worker():
+        try:
+            mine = optuna.load_study(study_name="race", storage=storage)
+            barrier.wait()
+            got.append(study_mod.parent_run(mine, args("race"), {}).run_id)
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(got) == 4 and len(set(got)) == 1, (errors, got)
+    parents, _ = children(client, "race")
+    assert [r.info.run_id for r in parents] == got[:1]
+    assert optuna.load_study(study_name="race", storage=storage).user_attrs["mlflow_parent_run_id"] == got[0]
+
+
+def test_workers_stop_when_the_coordinator_fails_before_the_parent_run(setup, tmp_path, pg_url):
+    """--workers 2 whose coordinator fails after starting the other worker (a data folder it cannot load): one
+    exit code 2, the started worker ends too (its stdin closes) rather than waiting for a parent run."""
+    bad = tmp_path / "not_mvfouls"
+    (bad / "Train").mkdir(parents=True)
+    cmd = [sys.executable, "-m", "mvfouls_ab.study",
+           *argv(setup, tmp_path, "fail2", pg_url, f"sqlite:///{tmp_path}/m.db", "--workers", "2", "--data", str(bad))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "not_mvfouls" in proc.stderr
+    assert not subprocess.run(["pgrep", "-f", "fail2"], capture_output=True).stdout    # no worker left behind

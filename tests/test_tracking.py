@@ -377,3 +377,19 @@ def test_mlflow_telemetry_is_off_by_default(tmp_path):
     # the probe does see the thread when telemetry is on (so the check above can fail)
     assert out["opted_in"]["env"] == "false"
     assert any(t.startswith("MLflowTelemetryConsumer") for t in out["opted_in"]["threads"]), out["opted_in"]
+
+
+def test_figure_html_is_plotlys_cdn_page():
+    """figure_html makes the script tag once per process; the page is what include_plotlyjs="cdn" writes, SRI
+    hash included (only the random div id differs)."""
+    import re
+
+    import plotly.io as pio
+
+    from mvfouls_ab.tracking import confusion_figure, figure_html
+
+    fig = confusion_figure({"action": np.eye(8, dtype=int) * 3, "severity": np.ones((4, 4), dtype=int)}, "t")
+    ours, plotlys = figure_html(fig), pio.to_html(fig, include_plotlyjs="cdn", full_html=True)
+    uuid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    assert 'integrity="sha256-' in plotlys and 'crossorigin="anonymous"' in plotlys
+    assert uuid.sub("ID", ours) == uuid.sub("ID", plotlys)
