@@ -1,7 +1,7 @@
 """Study throughput: one worker against two workers sharing a PostgreSQL study, on the same fixed trials.
 
     python benchmarks/study_workers.py [--trials 6] [--epochs 2 3 2] [--pairs 1] [--data DIR]
-    python benchmarks/study_workers.py --trials 16 --epochs 8 10 8 --pairs 3     # the README figures
+    python benchmarks/study_workers.py --trials 16 --epochs 8 10 8 --pairs 3    # README figures
 
 For each worker count it creates a fresh PostgreSQL database (127.0.0.1:5432, user postgres), enqueues the same
 fixed set of trial parameters, and runs `python -m mvfouls_ab.study --workers N --threads cores//N` to finish them
@@ -38,6 +38,10 @@ def admin(sql: str) -> None:
     engine.dispose()
 
 
+def _secs(trial) -> float:
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
 def run(workers: int, trials: int, space: Path, tmp: Path, data: str | None) -> tuple[float, float]:
     import optuna
 
@@ -64,15 +68,14 @@ def run(workers: int, trials: int, space: Path, tmp: Path, data: str | None) -> 
         span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
         print(f"{workers} worker(s) x {threads} thread(s): {len(done)} trials, span {span:.1f} s, wall {wall:.1f} s")
         first = min(t.datetime_start for t in done)
-        for worker in sorted({t.user_attrs.get("worker", "?") for t in done}):
-            mine = [t for t in done if t.user_attrs.get("worker", "?") == worker]
-            busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in mine)
-            start = (min(t.datetime_start for t in mine) - first).total_seconds()
+        for worker in sorted({t.user_attrs.get("worker", "?") for t in done}):   # each worker's timeline
+            mine = sorted((t for t in done if t.user_attrs.get("worker", "?") == worker),
+                          key=lambda t: t.datetime_start)
+            start = (mine[0].datetime_start - first).total_seconds()
             end = (max(t.datetime_complete for t in mine) - first).total_seconds()
-            each = " ".join(f"#{t.number}:{t.params['variant'][:3]} {(t.datetime_complete - t.datetime_start).total_seconds():.1f}s"
-                            for t in sorted(mine, key=lambda t: t.datetime_start))
-            print(f"  worker {worker}: {len(mine)} trials, in trials {busy:.1f} s, from +{start:.1f} s to "
-                  f"+{end:.1f} s ({each})")
+            each = " ".join(f"#{t.number}:{t.params['variant'][:3]} {_secs(t):.1f}s" for t in mine)
+            print(f"  worker {worker}: {len(mine)} trials, in trials {sum(map(_secs, mine)):.1f} s, "
+                  f"from +{start:.1f} s to +{end:.1f} s ({each})")
         return span, wall
     finally:
         admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')

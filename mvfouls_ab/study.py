@@ -485,8 +485,9 @@ def parent_run(study: Any, args: argparse.Namespace, ctx_tags: dict[str, Any]) -
         try:
             client.get_run(found)
             return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=found, client=client)
-        except Exception:  # noqa: BLE001 - a deleted or foreign run id: start a new parent run
-            pass
+        except Exception as exc:  # noqa: BLE001 - a deleted or foreign run id: start a new parent run
+            log.warning("study %s: parent run %s not found in MLflow (%s); starting a new one",
+                        study.study_name, found, exc)
     tracker = RunTracker(args.tracking_uri, study.study_name, f"study-{study.study_name}",
                          tags={**ctx_tags, "role": "study"}, client=client)
     run_id = tracker.wait_run_id(timeout=60.0)
