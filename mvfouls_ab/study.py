@@ -29,6 +29,7 @@ Errors a user can cause (unknown search-space keys, malformed or unreachable sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
@@ -647,16 +648,11 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     try:
         study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks, joined=joined)
     except BaseException:
-        for proc in procs:          # their stdin closes: they stop with "the coordinating process ended"
-            proc.stdin.close()
+        hand_over(procs, None)      # they stop with "the coordinating process ended"
+        for proc in procs:
             proc.wait()
         raise
-    for proc in procs:
-        try:
-            proc.stdin.write(f"{tracker.run_id}\n")
-            proc.stdin.close()
-        except OSError:             # that worker failed already (its error is on stderr); the others go on
-            pass
+    hand_over(procs, tracker.run_id)
     out = ctx.out
 
     callbacks = [optuna.study.MaxTrialsCallback(until, states=(optuna.trial.TrialState.COMPLETE,
@@ -691,6 +687,14 @@ def start_workers(args: argparse.Namespace, until: int) -> list[subprocess.Popen
                "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True))
     return procs
+
+
+def hand_over(procs: list[subprocess.Popen], parent_run_id: str | None) -> None:
+    """Write the parent run id to each started worker's stdin and close it (None: close it only)."""
+    for proc in procs:
+        with contextlib.suppress(OSError), proc.stdin:   # a worker that ended already: its error is on stderr
+            if parent_run_id:
+                proc.stdin.write(f"{parent_run_id}\n")
 
 
 class FailureBudget:
