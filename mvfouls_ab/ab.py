@@ -1,10 +1,21 @@
 """python -m mvfouls_ab.ab --experiment experiments/ab_NAME.yaml [--seeds 5] [--folds 5] [--storage URL]
 [--tracking-uri URI] [--out DIR] [--workers N] [--set key=value ...]
+python -m mvfouls_ab.ab analyze --cells CELLS.csv --control NAME [--folds K] [--alpha A] --out DIR
 
 Runs the experiment's arms x seeds x folds cells (resumable: finished cells are never rerun; several workers on the
-same --storage share the cells), then prints the verdict table, writes cells.csv / verdicts.csv / arms.csv /
-verdicts.json and report.html under --out, and logs them to the experiment's MLflow parent run.
-See mvfouls_ab/abtest.py for the design, the storage layout and the statistics.
+same --storage share the cells), then prints the verdict table, writes cells.csv (long: arm,seed,fold,metric,value)
+/ cells_wide.csv / verdicts.csv / verdicts.json / arms.csv / experiment.json and report.html under --out, and logs
+them to the experiment's MLflow parent run.
+
+`analyze` gives the same verdicts for cells produced anywhere (another framework, a spreadsheet): CELLS.csv is
+long, with the header arm,seed,fold,metric,value (one row per cell and metric; blank = missing). A metric whose
+name contains `loss` or ends in `_s` / `_mb` is lower-is-better, every other one higher-is-better; `system/...`
+metrics are kept out of the Holm family of the others. K (the k of k-fold cross-validation, for the variance
+correction) defaults to the number of distinct folds. It writes DIR/verdicts.json (a list of objects: arm, metric,
+n, diff = B - A, ci_low, ci_high, p_value, p_adjusted, verdict, ...), DIR/verdicts.csv and DIR/report.html; it
+imports no torch. A CSV it cannot analyse exits 2 with a message that names the file, what is wrong and the fix.
+See mvfouls_ab/abtest.py for the design, the storage layout and the nested selection, mvfouls_ab/stats.py for the
+statistics (the corrected resampled t-test for r x k-fold cells).
 """
 from __future__ import annotations
 
@@ -15,12 +26,15 @@ import sys
 from pathlib import Path
 
 from . import abtest
+from .config import PROFILES
 from .errors import MVFoulsError
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.ab", description=__doc__.split("\n\n")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Verdicts for a CSV of cells from anywhere: python -m mvfouls_ab.ab analyze "
+                                        "--help")
     ap.add_argument("--experiment", required=True, help="experiments/ab_NAME.yaml")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the YAML's, else 5)")
     ap.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: the YAML's, else 5)")
@@ -29,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/ab/NAME)")
-    ap.add_argument("--profile", choices=("cpu", "gpu"), default=None, help="hardware profile (default: the YAML's)")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                    help="hardware profile, config.PROFILES (default: the YAML's)")
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override a TrainingConfig key of the shared base (all arms)")
     ap.add_argument("--epoch-scale", type=float, default=None,
@@ -43,13 +58,67 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def build_analyze_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.ab analyze", description=__doc__.split("\n\n")[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", required=True, type=Path, help="long CSV: arm,seed,fold,metric,value")
+    ap.add_argument("--control", required=True, help="the control arm A (every other arm is a B)")
+    ap.add_argument("--folds", type=int, default=None,
+                    help="k of the k-fold cross-validation the cells come from (default: distinct folds in the CSV)")
+    ap.add_argument("--alpha", type=float, default=0.05, help="family-wise error rate per comparison (default 0.05)")
+    ap.add_argument("--power", type=float, default=0.8, help="power at which the MDE is stated (default 0.8)")
+    ap.add_argument("--out", required=True, type=Path, help="output folder (verdicts.json, verdicts.csv, report.html)")
+    ap.add_argument("--no-report", action="store_true", help="skip report.html")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["analyze"]:
+        return analyze_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return _main(args, argv if argv is not None else sys.argv[1:])
+        return _main(args, argv)
     except MVFoulsError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+
+
+def analyze_main(argv: list[str]) -> int:
+    """`ab analyze`: verdicts for a CSV of cells (no torch, no storage, no MLflow)."""
+    args = build_analyze_parser().parse_args(argv)
+    try:
+        frame, paths = analyze_file(args.cells, args.control, args.folds, args.alpha, args.out,
+                                    power=args.power, report=not args.no_report)
+    except MVFoulsError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(abtest.format_verdicts(frame))
+    print(f"\n[ab analyze] {stats_line(frame)}")
+    print(f"[ab analyze] results: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def stats_line(frame) -> str:
+    if frame.empty:
+        return "no comparison"
+    r = frame.iloc[0]
+    return (f"{r.test}; k = {int(r.folds)} folds, n = {int(frame.n.max())} paired cells; Holm over "
+            f"{int((frame[frame.arm == r.arm].family == 'quality').sum())} quality metrics per arm")
+
+
+def analyze_file(cells: Path | str, control: str, folds: int | None, alpha: float, out: Path | str,
+                 power: float = 0.8, report: bool = True):
+    """Read CELLS.csv, analyse it (abtest.analyze_cells, as the runner does) and write verdicts (and the report)."""
+    table = abtest.load_cells(cells)
+    frame = abtest.verdict_frame(abtest.analyze_cells(table, control, folds, alpha, power, source=cells))
+    paths = abtest.write_verdicts(out, frame)
+    if report:
+        from .report import write_analysis_report
+
+        paths["report"] = write_analysis_report(frame, table, Path(out) / "report.html", source=str(cells),
+                                                alpha=alpha)
+    return frame, paths
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
@@ -117,7 +186,8 @@ def finish(exp: abtest.Experiment, storage: str, tracking_uri: str | None, out: 
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print()
     print(abtest.format_verdicts(frame))
-    print(f"\n[ab] results: {', '.join(str(p) for p in paths.values())}")
+    print(f"\n[ab] {stats_line(frame)}")
+    print(f"[ab] results: {', '.join(str(p) for p in paths.values())}")
     if not complete:
         print(f"[ab] {counts['running']} cells running elsewhere, {counts['waiting']} waiting; "
               "rerun the same command to continue (finished cells are not rerun)")
@@ -152,7 +222,7 @@ def log_to_mlflow(store: abtest.CellStore, tracking_uri: str, paths: dict[str, P
             client.set_tag(runs[arm], "verdict", r.verdict)
             client.set_tag(parent, f"verdict.{arm}", r.verdict)
             client.log_metric(runs[arm], "ab/leaderboard_diff", float(r["diff"]))
-            client.log_metric(runs[arm], "ab/leaderboard_p_holm", float(r.p_holm))
+            client.log_metric(runs[arm], "ab/leaderboard_p_adjusted", float(r.p_adjusted))
     for name, run_id in runs.items():
         if not name.startswith("_"):
             client.set_terminated(run_id, "FINISHED")

@@ -3,43 +3,63 @@
 An experiment (experiments/ab_NAME.yaml) is a shared base TrainingConfig and a few arms, each a set of overrides;
 the first arm (or `control:`) is the control A, every other arm is a B compared with it (experiments/README in the
 YAML files says what each compares). A *cell* is one (arm, seed, fold): train with TrainingConfig(seed=seed) on the
-fold's train part and select/evaluate on its held-out part.
+fold's training part, select on an inner validation split of that training part, score on the held-out fold.
 
 Folds: Train+Valid actions are pooled and cut into k stratified folds (sklearn StratifiedKFold on the joint
 action x severity label; a combination with fewer than k actions is merged into its action class, then its
 severity class, then one "rare" group). The partition is reshuffled per seed (repeated k-fold), and every arm sees
-the same partition for a given seed, so cells pair across arms. Test is never touched by the folds (the trainer
-still scores it; the report shows it). Each fold's two parts are written as official annotations.json files
-(`<out>/folds/k<K>/seed<S>/fold<F>/{Train,Valid}/annotations.json`, actions renumbered 0..n-1, the original
+the same partition for a given seed, so cells pair across arms. Test is never touched by the folds.
+
+Nested selection: a cell never lets the fold it is scored on choose anything. Its k - 1 training folds are split
+again, with the same stratification helper, into an inner Train and an inner Valid (1 / INNER_FOLDS of them,
+seeded by (seed, fold) so every arm gets the same inner split). The cell's DataBundle is (Train = inner Train,
+Valid = inner Valid, Test = the held-out fold): the trainer picks its epoch(s) and the post-hoc tau on Valid, as it
+always does, and predicts Test with what it would deploy (ensemble and post-hoc adjustment included when the arm
+uses them). The verdict metrics (`heldout/...`) are computed from those deployed predictions of the held-out
+fold. The three parts are written as official annotations.json files
+(`<out>/folds/k<K>/seed<S>/fold<F>/{Train,Valid,Test}/annotations.json`, actions renumbered 0..n-1, the original
 `Split/id` kept in the top-level "Source" map) so the trainer's official metric works on them unchanged.
+
+Efficiency: each cell also records `system/wall_s` (the trainer's wall time), `system/peak_rss_mb` (the process's
+peak resident memory during this cell only: the kernel's high-water mark is reset at the cell's start through
+/proc/self/clear_refs, else a sampling thread measures it) and, on a GPU, `system/cuda_max_mb` (peak allocated,
+reset per cell). They are verdict metrics (lower is better) outside the Holm family of the quality metrics.
 
 Storage (resume and parallel workers): cells are trials of the Optuna study `ab-NAME` in the same RDB storage as
 the HPO study (default sqlite:///optuna.db; postgresql://... for workers on several machines). Each cell is an
 enqueued trial whose user attributes name it (`cell` key = arm/seed/fold/k/config hash); a worker claims a WAITING
-trial atomically (RUNNING), keeps a heartbeat while it trains, and stores the cell's metrics, best-epoch record,
+trial atomically (RUNNING), keeps a heartbeat while it trains, and stores the cell's metrics, scored record,
 learning curves, stability events and official scores as user attributes before marking it COMPLETE (value = the
 held-out leaderboard value). A new invocation enqueues only cells that have no COMPLETE, WAITING or RUNNING trial, so
 finished cells are never rerun; a worker that died is detected by its stale heartbeat (its trial becomes FAIL) and
 its cell is enqueued again, and the trainer resumes it from the cell folder's last checkpoint. Changing an arm's
 config changes the config hash, hence the cell keys: stale results are never mixed in.
 
+Verdicts (mvfouls_ab/stats.py: the corrected resampled t-test, Holm, MDE) come from one function, analyze_cells,
+on a long table `arm,seed,fold,metric,value`: the runner writes its cells as that table (cells.csv) and
+`python -m mvfouls_ab.ab analyze --cells cells.csv` reads it back (or a table made anywhere else).
+
 MLflow: experiment `ab-NAME`; a parent run for the experiment, a nested run per arm, and a nested run per cell under
-its arm (the trainer's MLflowSink logs every epoch there). The verdict table and the report go to the parent run.
+its arm (the trainer's MLflowSink logs every epoch there; the held-out scores go there as `heldout/...`). The
+verdict table and the report go to the parent run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import socket
+import sys
 import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -49,13 +69,18 @@ import yaml
 
 from . import stats
 from .config import PROFILES, TrainingConfig, coerce, load_config
-from .errors import ConfigError, StudyError, located
+from .errors import AnalysisError, ConfigError, StudyError, located
 from .labels import CLASS_SLUGS, TASKS
+from .urls import redact, redact_text
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-PRIMARY_METRIC = "val/leaderboard"
+SCORED = "heldout"                       # metric prefix of the held-out fold's scores
+PRIMARY_METRIC = f"{SCORED}/leaderboard"
+EFFICIENCY_METRICS = ("system/wall_s", "system/peak_rss_mb", "system/cuda_max_mb")
+INNER_FOLDS = 5                          # inner Valid = 1 / INNER_FOLDS of a cell's training folds
+CELL_COLUMNS = ("arm", "seed", "fold", "metric", "value")
 HEARTBEAT_S = 20
 GRACE_S = 90
 EXPERIMENT_KEYS = {"name", "description", "profile", "base_config", "base", "control", "arms", "seeds", "folds",
@@ -64,13 +89,24 @@ ARM_KEYS = {"seed_offset", "description", "config"}   # arm keys that are not Tr
 EPOCH_KEYS = ("phase1_epochs", "phase2_epochs", "phase3_epochs")
 
 
-def verdict_metrics() -> list[str]:
-    """The metrics every comparison is judged on (MLflow names of the held-out fold's best epoch)."""
+def quality_metrics() -> list[str]:
+    """The quality metrics every comparison is judged on, one Holm family (the held-out fold, deployed model)."""
     names = [PRIMARY_METRIC]
-    names += [f"val/{task}/macro_recall" for task in TASKS]
-    names += [f"val/{task}/macro_f1" for task in TASKS]
-    names += [f"val/{task}/recall/{slug}" for task in TASKS for slug in CLASS_SLUGS[task]]
+    names += [f"{SCORED}/{task}/macro_recall" for task in TASKS]
+    names += [f"{SCORED}/{task}/macro_f1" for task in TASKS]
+    names += [f"{SCORED}/{task}/recall/{slug}" for task in TASKS for slug in CLASS_SLUGS[task]]
     return names
+
+
+def valid_name(name: str) -> bool:
+    """Experiment and arm names: letters, digits, _ and - (they become folder, study and run names)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}", name))
+
+
+def verdict_metrics() -> list[str]:
+    """Every metric of a comparison: the quality family, then efficiency (`system/...`, its own family; the
+    CUDA one only where a cell ran on a GPU)."""
+    return quality_metrics() + list(EFFICIENCY_METRICS)
 
 
 # ---- experiments --------------------------------------------------------------------------------------------
@@ -202,6 +238,9 @@ def load_experiment(path: str | Path, seeds: int | None = None, folds: int | Non
     if unknown:
         raise ConfigError(located(p, f"unknown experiment keys {unknown}", f"use {', '.join(sorted(EXPERIMENT_KEYS))}"))
     name = str(doc.get("name") or p.stem.removeprefix("ab_"))
+    if not valid_name(name):       # it names the output folder, the Optuna study and the MLflow experiment
+        raise ConfigError(located(p, f"experiment name {name!r} has odd characters",
+                                  "use letters, digits, _ and - (at most 100), like arm names"))
     profile = profile or doc.get("profile") or "cpu"
     if profile not in PROFILES:
         raise ConfigError(located(p, f"profile {profile!r} is unknown", f"use one of {', '.join(PROFILES)}"))
@@ -306,20 +345,42 @@ def _fold_split(name: str, actions: list, sources: list[str], path: Path, root: 
     return SplitAnnotations(name, root, renumbered, {}, len(renumbered), path, extra)
 
 
+def inner_seed(seed: int, fold: int) -> int:
+    """The random state of cell (seed, fold)'s inner split: the same for every arm, different per cell."""
+    return 7919 * int(seed) + 104729 * (int(fold) + 1)
+
+
+def inner_split(action: np.ndarray, severity: np.ndarray, seed: int, fold: int) -> np.ndarray:
+    """Boolean mask of the inner Valid part of a cell's training actions (stratified on the joint label).
+
+    One part in INNER_FOLDS (fewer parts when there are fewer actions, at least 2), cut by fold_assignment, the
+    same stratification helper as the outer folds.
+    """
+    n_inner = max(2, min(INNER_FOLDS, len(action)))
+    return fold_assignment(action, severity, n_inner, inner_seed(seed, fold)) == 0
+
+
 def fold_bundle(data: Any, n_folds: int, seed: int, fold: int, folder: Path | str) -> Any:
-    """The DataBundle of one cell: Train+Valid re-partitioned (fold `fold` held out as Valid), Test untouched."""
+    """The DataBundle of one cell, for nested selection: Train+Valid re-partitioned into k folds; fold `fold` is
+    held out as Test (what the cell is scored on); the other folds are split into Train and an inner Valid (what
+    the trainer selects its epoch and post-hoc tau on). The original Test is not used by a cell."""
     pooled = [("Train", a) for a in data.train.actions] + [("Valid", a) for a in data.valid.actions]
     action = np.array([a.action for _, a in pooled])
     severity = np.array([a.severity for _, a in pooled])
     assign = fold_assignment(action, severity, n_folds, seed)
+    training = np.flatnonzero(assign != fold)
+    inner = np.zeros(len(pooled), dtype=bool)
+    inner[training] = inner_split(action[training], severity[training], seed, fold)
     where = Path(folder) / f"k{n_folds}" / f"seed{seed}" / f"fold{fold}"
     note = f"seed {seed}, fold {fold} of {n_folds}"
     parts = {}
-    for name, mask in (("Train", assign != fold), ("Valid", assign == fold)):
+    for name, mask, what in (("Train", (assign != fold) & ~inner, "inner train"),
+                             ("Valid", (assign != fold) & inner, "inner validation (selection)"),
+                             ("Test", assign == fold, "held-out fold (scored)")):
         chosen = [pooled[i] for i in np.flatnonzero(mask)]
         parts[name] = _fold_split(name, [a for _, a in chosen], [f"{s}/{a.action_id}" for s, a in chosen],
-                                  where / name / "annotations.json", data.root, note)
-    return dataclasses.replace(data, train=parts["Train"], valid=parts["Valid"])
+                                  where / name / "annotations.json", data.root, f"{note}: {what}")
+    return dataclasses.replace(data, train=parts["Train"], valid=parts["Valid"], test=parts["Test"])
 
 
 def prefill_fold_features(cfg: TrainingConfig, data: Any, fold_data: Any) -> None:
@@ -336,7 +397,7 @@ def prefill_fold_features(cfg: TrainingConfig, data: Any, fold_data: Any) -> Non
     pooled = {name: load_features(cfg, split, data.cache, progress=False)
               for name, split in (("Train", data.train), ("Valid", data.valid))}
     index = {name: {aid: i for i, aid in enumerate(fs.action_ids)} for name, fs in pooled.items()}
-    for split in (fold_data.train, fold_data.valid):
+    for split in (fold_data.train, fold_data.valid, fold_data.test):
         key, _ = feature_key(cfg, split)
         path = feature_path(data.cache, key, split.split)
         if path.is_file():
@@ -368,7 +429,8 @@ def open_storage(url: str):
     try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean the same to the user
-        raise StudyError(located("--storage", f"cannot open {url!r} ({type(exc).__name__}: {exc})",
+        raise StudyError(located("--storage", f"cannot open {redact(url)!r} ({type(exc).__name__}: "
+                                 f"{redact_text(str(exc), [url])})",
                                  "check that the database server runs and the URL is right")) from None
 
 
@@ -505,23 +567,45 @@ def ensure_parent_runs(store: CellStore, tracking_uri: str) -> dict[str, str]:
         return runs
     client = make_client(tracking_uri)
     exp_id = get_or_create_experiment(client, exp.study_name)
+    scope = hashlib.sha1(tracking_uri.encode()).hexdigest()[:10]
     if runs.get("_tracking_uri") != tracking_uri or "_parent" not in runs:
-        parent = client.create_run(exp_id, run_name=exp.study_name,
-                                   tags={"ab_experiment": exp.name, "ab_level": "experiment",
-                                         "mlflow.note.content": exp.description})
-        runs = {"_tracking_uri": tracking_uri, "_parent": parent.info.run_id}
-        client.log_dict(parent.info.run_id, exp.to_dict(), "experiment.json")
+        mine = client.create_run(exp_id, run_name=exp.study_name,
+                                 tags={"ab_experiment": exp.name, "ab_level": "experiment",
+                                       "mlflow.note.content": exp.description}).info.run_id
+        winner = claim_run(store, f"mlflow_claim:{scope}:_parent", mine, client)
+        if winner == mine:
+            client.log_dict(mine, exp.to_dict(), "experiment.json")
+        runs = {"_tracking_uri": tracking_uri, "_parent": winner}
     for arm in exp.arms:
         if arm.name not in runs:
-            run = client.create_run(exp_id, run_name=f"{exp.name}:{arm.name}",
-                                    tags={"mlflow.parentRunId": runs["_parent"], "ab_experiment": exp.name,
-                                          "ab_level": "arm", "ab_arm": arm.name,
-                                          "ab_role": "control" if arm.name == exp.control else "treatment"})
-            client.log_dict(run.info.run_id, {"overrides": arm.overrides, "seed_offset": arm.seed_offset,
-                                              "config": exp.config(arm.name, 0).flat()}, "arm.json")
-            runs[arm.name] = run.info.run_id
+            mine = client.create_run(exp_id, run_name=f"{exp.name}:{arm.name}",
+                                     tags={"mlflow.parentRunId": runs["_parent"], "ab_experiment": exp.name,
+                                           "ab_level": "arm", "ab_arm": arm.name,
+                                           "ab_role": "control" if arm.name == exp.control else "treatment"}
+                                     ).info.run_id
+            winner = claim_run(store, f"mlflow_claim:{scope}:{runs['_parent']}:{arm.name}", mine, client)
+            if winner == mine:
+                client.log_dict(mine, {"overrides": arm.overrides, "seed_offset": arm.seed_offset,
+                                       "config": exp.config(arm.name, 0).flat()}, "arm.json")
+            runs[arm.name] = winner
     store.set_attr("mlflow_runs", runs)
     return runs
+
+
+def claim_run(store: CellStore, key: str, run_id: str, client: Any, settle_s: float = 0.5) -> str:
+    """The claim protocol the study uses for its parent run (study.claim_parent_run): workers that create the same
+    run at the same time each claim it under one study attribute, written only when absent (Optuna's storage
+    inserts an attribute once); after ``settle_s`` every worker reads back the same winner. A loser deletes the
+    run it made, so no orphaned run is left RUNNING."""
+    if key not in store.study.user_attrs:
+        store.set_attr(key, run_id)
+        time.sleep(settle_s)
+    winner = store.study.user_attrs[key]
+    if winner != run_id:
+        with contextlib.suppress(Exception):     # best effort: the run is unused either way
+            client.set_terminated(run_id, status="KILLED")
+            client.delete_run(run_id)
+    return winner
 
 
 # ---- one cell -----------------------------------------------------------------------------------------------
@@ -529,28 +613,153 @@ def cell_dir(out: Path, cell: Cell) -> Path:
     return Path(out) / "cells" / f"{cell.arm}-{cell.config_hash}" / f"k{cell.folds}_seed{cell.seed}_fold{cell.fold}"
 
 
-def cell_attrs(result: Any, wall_s: float) -> dict[str, Any]:
-    """What the verdicts and the report need from one finished cell (JSON, a few KB)."""
-    best = result.best
-    metrics = best.to_mlflow()
-    keep = set(verdict_metrics()) | {"val/loss", "train/loss"}
+def cell_attrs(result: Any, scored: Any, efficiency: Mapping[str, float]) -> dict[str, Any]:
+    """What the verdicts and the report need from one finished cell (JSON, a few KB).
+
+    `scored`: the held-out fold's DetailedMetrics of the deployed predictions (scored_record); `result.best`:
+    the epoch the trainer selected on the inner Valid; `efficiency`: the cell's `system/...` metrics.
+    """
+    selected = result.best
+    keep = set(quality_metrics()) | {f"{SCORED}/loss"}
+    metrics = {k: float(v) for k, v in scored.to_mlflow().items() if k in keep}
+    metrics.update({k: float(v) for k, v in efficiency.items() if v is not None and math.isfinite(v)})
     last = result.history[-1]
-    best_dict = best.to_dict()
-    record = {k: best_dict[k] for k in (
+    scored_dict = scored.to_dict()
+    record = {k: scored_dict[k] for k in (
         "epoch", "step", "phase", "leaderboard", "val_loss", "train_loss", "confusion_matrices", "num_samples",
         *(f"{t}_{n}" for t in TASKS for n in ("per_class_recall", "per_class_precision", "per_class_f1",
                                                "macro_recall", "macro_f1", "accuracy", "support")))}
     return {
-        "metrics": {k: float(v) for k, v in metrics.items() if k in keep},
+        "metrics": metrics,
         "best": record,
+        "selected": {"epoch": int(selected.step) + 1, "phase": selected.phase,
+                     "inner_leaderboard": float(selected.leaderboard), "inner_val_loss": float(selected.val_loss),
+                     "taus": {k: float(v) for k, v in (result.taus or {}).items()}},
         "curves": {k: [None if v is None or not math.isfinite(v) else float(v) for v in vals]
                    for k, vals in (last.learning_curves or {}).items()},
         "events": [dict(e, detail={k: str(v) for k, v in (e.get("detail") or {}).items()}) for e in result.events],
         "official": result.official,
         "epochs": len(result.history),
         "variant": result.variant,
-        "wall_s": round(wall_s, 2),
+        "wall_s": round(float(efficiency.get("system/wall_s", math.nan)), 2),
     }
+
+
+def _cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean softmax cross-entropy of integer targets (numpy, float64)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if len(y) == 0:
+        return math.nan
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def scored_record(result: Any, bundle: Any) -> Any:
+    """DetailedMetrics (split `heldout`) of the held-out fold from the predictions the cell would deploy.
+
+    result.logits["test"] are the trainer's final logits of its Test split, i.e. the held-out fold: the
+    selected epoch(s), averaged when the arm ensembles, post-hoc adjusted with the tau chosen on the inner Valid
+    when the arm uses it. `heldout/loss` is the plain cross-entropy of those logits, summed over the two tasks.
+    """
+    from .metrics import compute_detailed_metrics
+
+    targets = bundle.test.targets()
+    logits = {t: np.asarray(result.logits["test"][t], dtype=np.float64) for t in TASKS}
+    known = np.all([targets[t] >= 0 for t in TASKS], axis=0)
+    logits = {t: v[known] for t, v in logits.items()}
+    targets = {t: v[known] for t, v in targets.items()}
+    loss = float(sum(_cross_entropy(logits[t], targets[t]) for t in TASKS))
+    best = result.best
+    return compute_detailed_metrics(best.epoch, best.phase, logits, targets, best.train_loss, loss, split=SCORED,
+                                    step=best.step, phase_number=best.phase_number)
+
+
+# ---- per-cell resources -------------------------------------------------------------------------------------
+def _rss_mb() -> float | None:
+    """Current resident memory of this process (MiB) from /proc/self/statm; None where there is no /proc."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def _hwm_mb() -> float | None:
+    """The kernel's peak resident memory of this process (VmHWM, MiB); None where it is unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class CellResources:
+    """Peak memory and wall time of one cell, reset at its start (a context manager).
+
+    Peak RSS: writing "5" to /proc/self/clear_refs resets the kernel's high-water mark (Linux >= 4.0), so VmHWM
+    at the end is this cell's peak, exact, however short the spike. Where that is refused, a thread samples the
+    RSS every `interval` seconds from the start (a peak shorter than that may be missed); without /proc, the
+    process's lifetime peak (getrusage) is all there is, and `rss_method` says so. On a GPU, torch's peak
+    allocated memory is reset too (`system/cuda_max_mb`).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.rss_method = ""
+        self.values: dict[str, float] = {}
+        self._samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cuda = False
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = _rss_mb()
+            if rss is not None:
+                self._samples.append(rss)
+
+    def __enter__(self) -> Self:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.rss_method = "hwm" if _hwm_mb() is not None else ""
+        except OSError:
+            self.rss_method = ""
+        if not self.rss_method:
+            if _rss_mb() is not None:
+                self.rss_method = "sampled"
+                self._samples = [_rss_mb() or 0.0]
+                self._thread = threading.Thread(target=self._sample, name="cell-rss", daemon=True)
+                self._thread.start()
+            else:
+                self.rss_method = "lifetime"
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda = True
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._t0
+        if self.rss_method == "hwm":
+            peak = _hwm_mb()
+        elif self.rss_method == "sampled":
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(1)
+            peak = max(self._samples + [_rss_mb() or 0.0])
+        else:
+            import resource
+
+            raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = raw / (1024 * 1024) if sys.platform == "darwin" else raw / 1024
+        self.values = {"system/wall_s": wall, "system/peak_rss_mb": float(peak or math.nan)}
+        torch = sys.modules.get("torch")   # CUDA started inside the cell: its peak is the cell's anyway
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.values["system/cuda_max_mb"] = torch.cuda.max_memory_allocated() / (1024 * 1024)
 
 
 def run_cell(experiment: Experiment, cell: Cell, data: Any, out: Path, tracking_uri: str | None,
@@ -561,8 +770,6 @@ def run_cell(experiment: Experiment, cell: Cell, data: Any, out: Path, tracking_
     cfg = experiment.config(cell.arm, cell.seed)
     folder = cell_dir(out, cell)
     folder.mkdir(parents=True, exist_ok=True)
-    bundle = fold_bundle(data, cell.folds, cell.seed, cell.fold, Path(out) / "folds")
-    prefill_fold_features(cfg, data, bundle)
     tracker = sink = None
     sinks: list[Any] = []
     if tracking_uri:
@@ -583,20 +790,25 @@ def run_cell(experiment: Experiment, cell: Cell, data: Any, out: Path, tracking_
             id_file.write_text(run_id)
         sink = MLflowSink(tracker)
         sinks.append(sink)
-    t0 = time.perf_counter()
     try:
-        result = Trainer(cfg, bundle, sinks, run_dir=folder, resume=True).run()
+        with CellResources() as resources:
+            bundle = fold_bundle(data, cell.folds, cell.seed, cell.fold, Path(out) / "folds")
+            prefill_fold_features(cfg, data, bundle)
+            result = Trainer(cfg, bundle, sinks, run_dir=folder, resume=True).run()
     except BaseException as exc:
         if tracker is not None:
             tracker.end("FAILED", error=exc, flush_timeout=30)
         raise
-    attrs = cell_attrs(result, time.perf_counter() - t0)
+    scored = scored_record(result, bundle)
+    attrs = cell_attrs(result, scored, resources.values)
+    attrs["rss_method"] = resources.rss_method
     attrs["run_dir"] = str(folder)
     if tracker is not None:
         sink.log_result(result)
+        tracker.log_metrics({k: v for k, v in attrs["metrics"].items() if math.isfinite(v)}, step=int(scored.step))
         tracker.end("FINISHED")
         attrs["mlflow_run_id"] = tracker.run_id
-    return float(result.best.leaderboard), attrs
+    return float(scored.leaderboard), attrs
 
 
 # ---- a worker -----------------------------------------------------------------------------------------------
@@ -628,7 +840,7 @@ def run_worker(experiment: Experiment, storage_url: str = DEFAULT_STORAGE, track
         if data is None:
             from .data import load_data
 
-            data = load_data(experiment.base)
+            data = load_data(experiment.base.replace(**experiment.final))   # --set data_root=... counts
         echo(f"[ab] cell {cell.key} ...")
         with store.heartbeat(trial_id):
             try:
@@ -657,41 +869,209 @@ def results_table(experiment: Experiment, finished: dict[str, dict[str, Any]]):
     rows = []
     for key, a in finished.items():
         row = {"arm": a["arm"], "seed": a["seed"], "fold": a["fold"], "cell": key}
-        row.update({m: a["metrics"].get(m, math.nan) for m in verdict_metrics()})
-        test = (a.get("official") or {}).get("test") or {}
-        row["test/leaderboard"] = test.get("leaderboard_value", math.nan) / 100.0 if test else math.nan
+        row.update({m: a.get("metrics", {}).get(m, math.nan) for m in verdict_metrics()})
         row["epochs"] = a.get("epochs")
-        row["wall_s"] = a.get("wall_s")
+        row["selected_epoch"] = (a.get("selected") or {}).get("epoch")
         rows.append(row)
-    columns = ["arm", "seed", "fold", "cell", *verdict_metrics(), "test/leaderboard", "epochs", "wall_s"]
+    columns = ["arm", "seed", "fold", "cell", *verdict_metrics(), "epochs", "selected_epoch"]
     return pd.DataFrame(rows, columns=columns).sort_values(["arm", "seed", "fold"]).reset_index(drop=True)
 
 
-def analyze(experiment: Experiment, table, alpha: float = 0.05, power: float = 0.8,
-            n_resamples: int = 4999) -> list[stats.MetricComparison]:
-    """Each treatment arm against the control on every verdict metric, paired by (seed, fold)."""
-    control = table[table.arm == experiment.control].set_index(["seed", "fold"])
+def cells_long(table, metrics: Sequence[str] | None = None):
+    """The long table `arm,seed,fold,metric,value` of a results table (missing values left out): the format
+    `ab analyze --cells` reads, written by the runner as cells.csv."""
+    import pandas as pd
+
+    metrics = [m for m in (metrics or verdict_metrics()) if m in table.columns]
+    long = table.melt(id_vars=["arm", "seed", "fold"], value_vars=metrics, var_name="metric", value_name="value")
+    long = long[long.value.notna()]
+    order = {m: i for i, m in enumerate(metrics)}
+    long = long.assign(_m=long.metric.map(order)).sort_values(["arm", "_m", "seed", "fold"], kind="stable")
+    return pd.DataFrame(long[list(CELL_COLUMNS)]).reset_index(drop=True)
+
+
+def _where(source: str | Path, message: str, fix: str) -> AnalysisError:
+    return AnalysisError(located(source, message, fix))
+
+
+def load_cells(path: str | Path):
+    """Read and check a long CSV of cells (`arm,seed,fold,metric,value`); AnalysisError names what is wrong."""
+    import pandas as pd
+
+    p = Path(path)
+    header = ",".join(CELL_COLUMNS)
+    if not p.is_file():
+        raise _where(p, "file not found", f"pass a CSV with the header {header} (one row per cell and metric)")
+    try:
+        frame = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise _where(p, "the file is empty", f"write the header {header} and one row per cell and metric") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise _where(p, f"not a readable CSV ({str(exc).strip()})", "write plain comma-separated UTF-8 text") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    return check_cells(frame, p)
+
+
+def check_cells(frame, source: str | Path = "cells"):
+    """Validate a frame of cells (columns arm, seed, fold, metric, value; values may be text) and return it with
+    `value` as float and arm/seed/fold/metric as stripped text. Blank or 'nan' values count as missing."""
+    import pandas as pd
+
+    header = ",".join(CELL_COLUMNS)
+    missing = [c for c in CELL_COLUMNS if c not in frame.columns]
+    if missing:
+        raise _where(source, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                     f"(found: {', '.join(map(str, frame.columns)) or 'none'})",
+                     f"use the header {header}: one row per (arm, seed, fold, metric)")
+    frame = frame[list(CELL_COLUMNS)].copy()
+    if frame.empty:
+        raise _where(source, "no rows under the header", "add one row per (arm, seed, fold, metric)")
+    for c in ("arm", "seed", "fold", "metric"):
+        frame[c] = frame[c].astype(str).str.strip()
+        empty = frame.index[frame[c].isin(["", "nan", "None"])]
+        if len(empty):
+            raise _where(source, f"empty {c} on line{'s' if len(empty) > 1 else ''} {_lines(empty)}",
+                         f"give every row its {c}")
+    if pd.api.types.is_numeric_dtype(frame["value"]):     # a frame built in Python (the runner's cells)
+        value = frame["value"].astype(float)
+        text, blank = value.astype(str), value.isna()
+    else:                                                  # text from a CSV
+        text = frame["value"].astype(str).str.strip()
+        value = pd.to_numeric(text, errors="coerce")
+        blank = text.str.lower().isin(["", "nan", "na", "none", "null"])
+    bad = frame.index[(value.isna() & ~blank) | np.isinf(value.fillna(0.0))]
+    if len(bad):
+        shown = ", ".join(f"line {i + 2}: {text[i]!r}" for i in bad[:5])
+        raise _where(source, f"{len(bad)} non-numeric value{'s' if len(bad) > 1 else ''} ({shown}"
+                     f"{', ...' if len(bad) > 5 else ''})",
+                     "write each value as a finite number (a blank value marks a missing one)")
+    frame["value"] = value.astype(float)
+    frame = frame[frame.value.notna()]
+    dup = frame.duplicated(["arm", "seed", "fold", "metric"], keep=False)
+    if dup.any():
+        rows = frame[dup].drop_duplicates(["arm", "seed", "fold", "metric"]).head(5)
+        listed = "; ".join(f"{r.arm} seed {r.seed} fold {r.fold} {r.metric}" for r in rows.itertuples())
+        raise _where(source, f"{int(dup.sum())} rows repeat an (arm, seed, fold, metric): {listed}",
+                     "keep one value per cell and metric (average repeats before, if that is what you mean)")
+    return frame.reset_index(drop=True)
+
+
+def _lines(index) -> str:
+    shown = ", ".join(str(i + 2) for i in list(index)[:5])
+    return shown + (", ..." if len(index) > 5 else "")
+
+
+def _key_text(seed: str, fold: str) -> str:
+    return f"seed {seed} fold {fold}"
+
+
+def analyze_cells(cells, control: str, folds: int | None = None, alpha: float = 0.05, power: float = 0.8,
+                  strict: bool = True, arms: Sequence[str] | None = None,
+                  source: str | Path = "cells") -> list[stats.MetricComparison]:
+    """Verdicts from a long table of cells: every arm against `control`, per metric, paired by (seed, fold).
+
+    The one analysis behind both `ab --experiment` and `ab analyze`. folds: k of the variance correction
+    (default: the number of distinct folds in the table). strict (ab analyze): every cell of an arm must have a
+    partner in the control, else AnalysisError lists the unpaired ones; not strict (a partial experiment): only
+    the pairs both arms have are used. arms: the treatment arms and their order (default: as they appear).
+    """
+    cells = check_cells(cells, source)
+    present = list(dict.fromkeys(cells.arm))
+    if control not in present:
+        raise _where(source, f"the control arm {control!r} is absent (arms: {', '.join(present)})",
+                     f"pass --control with one of: {', '.join(present)}")
+    treatments = [a for a in (arms or present) if a != control]
+    absent = [a for a in treatments if a not in present]
+    if absent or not treatments:
+        what = f"arm{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} absent" if absent else \
+            f"only the control arm {control!r} is present"
+        raise _where(source, what, "add the cells of every arm to compare with the control (same seeds and folds)")
+    n_folds = cells.fold.nunique()
+    if folds is None:
+        folds = n_folds
+    if folds < 2:
+        raise _where(source, f"fewer than 2 folds (k = {folds})",
+                     "the corrected test needs k-fold cells with k >= 2: run at least 2 folds per seed")
+    if folds < n_folds:
+        raise _where(source, f"--folds {folds} but the table holds {n_folds} distinct folds",
+                     f"pass --folds {n_folds} or more (or leave it out)")
+    if not 0 < alpha < 1:
+        raise _where(source, f"alpha {alpha} is not between 0 and 1", "pass --alpha 0.05, for example")
+    metrics = list(dict.fromkeys(cells.metric))
+    values = {arm: {m: dict(zip(zip(g.seed, g.fold), g.value)) for m, g in cells[cells.arm == arm].groupby("metric")}
+              for arm in [control, *treatments]}
+    if strict:
+        unpaired = []
+        for arm in treatments:
+            for m in metrics:
+                a, b = values[control].get(m, {}), values[arm].get(m, {})
+                unpaired += [f"{arm} lacks {_key_text(*k)} of {m}" for k in a if k not in b]
+                unpaired += [f"{control} lacks {_key_text(*k)} of {m} (which {arm} has)" for k in b if k not in a]
+        if unpaired:
+            raise _where(source, f"{len(unpaired)} unpaired cell{'s' if len(unpaired) > 1 else ''}: "
+                         + "; ".join(unpaired[:12]) + ("; ..." if len(unpaired) > 12 else ""),
+                         "give every arm a value for the same (seed, fold) cells of each metric as the control, "
+                         "or drop the unpaired rows")
     out: list[stats.MetricComparison] = []
-    for arm in experiment.treatments:
-        treat = table[table.arm == arm].set_index(["seed", "fold"])
-        pairs = control.index.intersection(treat.index).sort_values()
-        if len(pairs) == 0:
-            continue
-        a = {m: control.loc[pairs, m].to_numpy(float) for m in verdict_metrics()}
-        b = {m: treat.loc[pairs, m].to_numpy(float) for m in verdict_metrics()}
-        out += stats.compare(a, b, control=experiment.control, arm=arm, alpha=alpha, power=power,
-                             n_resamples=n_resamples)
+    for arm in treatments:
+        a_vals, b_vals = {}, {}
+        for m in metrics:
+            a, b = values[control].get(m, {}), values[arm].get(m, {})
+            keys = sorted(set(a) & set(b), key=_sort_key)
+            if not keys:
+                continue
+            a_vals[m] = [a[k] for k in keys]
+            b_vals[m] = [b[k] for k in keys]
+        out += stats.compare(a_vals, b_vals, int(folds), control=control, arm=arm, alpha=alpha, power=power)
     return out
+
+
+def _sort_key(key: tuple[str, str]) -> tuple:
+    return tuple((0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v) for v in key)
+
+
+def analyze(experiment: Experiment, table, alpha: float = 0.05, power: float = 0.8) -> list[stats.MetricComparison]:
+    """Each treatment arm against the control on every verdict metric (the runner's verdicts: analyze_cells on
+    the experiment's cells, k = its folds, pairs both arms finished)."""
+    long = cells_long(table)
+    if long.empty or not (long.arm == experiment.control).any():
+        return []
+    arms = [a for a in experiment.treatments if (long.arm == a).any()]
+    if not arms:
+        return []
+    return analyze_cells(long, experiment.control, experiment.folds, alpha, power, strict=False, arms=arms,
+                         source=experiment.source or experiment.name)
 
 
 def verdict_frame(comparisons: Sequence[stats.MetricComparison]):
     import pandas as pd
 
-    return pd.DataFrame([c.as_dict() for c in comparisons])
+    columns = [f.name for f in dataclasses.fields(stats.MetricComparison)]
+    return pd.DataFrame([c.as_dict() for c in comparisons], columns=columns)
+
+
+def verdict_records(frame) -> list[dict[str, Any]]:
+    """verdicts.json: one object per (arm, metric); NaN and infinite numbers become null (strict JSON)."""
+    out = []
+    for row in frame.to_dict(orient="records"):
+        out.append({k: (None if isinstance(v, float) and not math.isfinite(v) else
+                        (v.item() if isinstance(v, np.generic) else v)) for k, v in row.items()})
+    return out
+
+
+def write_verdicts(out: Path | str, frame) -> dict[str, Path]:
+    """verdicts.json (a list of objects) and verdicts.csv under `out`: what both `ab` and `ab analyze` write."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "verdicts.json", "verdicts": out / "verdicts.csv"}
+    paths["json"].write_text(json.dumps(verdict_records(frame), indent=1))
+    frame.to_csv(paths["verdicts"], index=False)
+    return paths
 
 
 def arm_summary(experiment: Experiment, table):
-    """Per arm: cells, mean and SD of the primary metric across cells and of the per-seed means (robustness)."""
+    """Per arm: cells, mean and SD of the primary metric across cells and of the per-seed means (robustness),
+    mean wall time and peak memory per cell."""
     import pandas as pd
 
     rows = []
@@ -702,8 +1082,7 @@ def arm_summary(experiment: Experiment, table):
                      "cells": len(t), "leaderboard_mean": t[PRIMARY_METRIC].mean(),
                      "leaderboard_sd": t[PRIMARY_METRIC].std(ddof=1),
                      "seed_mean_sd": per_seed.std(ddof=1) if len(per_seed) > 1 else math.nan,
-                     "test_leaderboard_mean": t["test/leaderboard"].mean(),
-                     "wall_s_mean": t["wall_s"].mean()})
+                     "wall_s_mean": t["system/wall_s"].mean(), "peak_rss_mb_mean": t["system/peak_rss_mb"].mean()})
     return pd.DataFrame(rows)
 
 
@@ -711,15 +1090,16 @@ def format_verdicts(frame, metrics: Sequence[str] | None = None) -> str:
     """A plain-text verdict table (what the CLI prints and the README quotes)."""
     if frame.empty:
         return "(no paired cells yet)"
-    lines = [(f"{'arm':<16} {'metric':<34} {'A':>7} {'B':>7} {'B-A':>8} {'95% CI':>19} {'p':>7} {'p_holm':>7} "
-             f"{'MDE/Holm':>13}  verdict")]
+    lines = [(f"{'arm':<16} {'metric':<34} {'A':>8} {'B':>8} {'B-A':>9} {'95% CI':>21} {'p':>7} {'p_adj':>7} "
+             f"{'MDE/adj':>15}  verdict")]
     for _, r in frame.iterrows():
         if metrics and r.metric not in metrics:
             continue
         ci = f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
-        mde = _fmt_mde(r.mde) + "/" + _fmt_mde(r.mde_holm)
-        lines.append(f"{r.arm:<16} {r.metric:<34} {r.mean_a:7.3f} {r.mean_b:7.3f} {r['diff']:+8.3f} {ci:>19} "
-                     f"{r.p_value:7.3f} {r.p_holm:7.3f} {mde:>13}  {r.verdict}")
+        mde = _fmt_mde(r.mde) + "/" + _fmt_mde(r.mde_adjusted)
+        tag = "" if r.family == stats.QUALITY else f" ({r.family}, {r.direction} is better)"
+        lines.append(f"{r.arm:<16} {r.metric:<34} {r.mean_a:8.3f} {r.mean_b:8.3f} {r['diff']:+9.3f} {ci:>21} "
+                     f"{r.p_value:7.3f} {r.p_adjusted:7.3f} {mde:>15}  {r.verdict}{tag}")
     return "\n".join(lines)
 
 
@@ -728,15 +1108,17 @@ def _fmt_mde(value: float) -> str:
 
 
 def write_results(experiment: Experiment, out: Path | str, table, frame, summary) -> dict[str, Path]:
+    """cells.csv (long: the input of `ab analyze`), cells_wide.csv, verdicts.csv / verdicts.json, arms.csv,
+    experiment.json (the design)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"cells": out / "cells.csv", "verdicts": out / "verdicts.csv", "arms": out / "arms.csv",
-             "json": out / "verdicts.json"}
-    table.to_csv(paths["cells"], index=False)
-    frame.to_csv(paths["verdicts"], index=False)
+    paths = {"cells": out / "cells.csv", "cells_wide": out / "cells_wide.csv", "arms": out / "arms.csv",
+             "experiment": out / "experiment.json"}
+    cells_long(table).to_csv(paths["cells"], index=False)
+    table.to_csv(paths["cells_wide"], index=False)
     summary.to_csv(paths["arms"], index=False)
-    doc = {"experiment": experiment.to_dict(), "metrics": verdict_metrics(),
-           "verdicts": json.loads(frame.to_json(orient="records")),
-           "arms": json.loads(summary.to_json(orient="records"))}
-    paths["json"].write_text(json.dumps(doc, indent=1))
+    paths["experiment"].write_text(json.dumps({"experiment": experiment.to_dict(), "metrics": verdict_metrics(),
+                                               "quality_metrics": quality_metrics(), "folds": experiment.folds,
+                                               "test": stats.TEST_NAME}, indent=1))
+    paths.update(write_verdicts(out, frame))
     return paths

@@ -16,8 +16,10 @@ import yaml
 from .errors import ConfigError, located
 
 VARIANTS = ("baseline", "simplified", "progressive", "optimized")
-BACKBONES = ("small3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v2_s")
-FEATURE_MODES = ("frozen", "end_to_end")
+BACKBONES = ("frame2d", "small3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v2_s")
+FEATURE_MODES = ("frozen", "learned", "end_to_end")
+RESIZE_MODES = ("squash", "crop")
+REP_RECIPES = ("plain", "sqrt", "balanced", "inverse_weights")
 SAMPLERS = ("none", "balanced", "sqrt", "progressive")
 LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted", "balanced_softmax", "ldam")
 PACINGS = ("linear", "root", "step")
@@ -29,11 +31,13 @@ class TrainingConfig:
     # ---- data -------------------------------------------------------------------------------------------
     data_root: str = ""               # "" -> the cached synthetic MVFouls data set (generated on first use)
     cache_dir: str = ""               # "" -> $MVFOULS_AB_CACHE, else ~/.cache/mvfouls_ab (data.dataset.default_cache_dir)
-    frame_start: int = 63             # first frame of the window (baseline: 63)
-    frame_end: int = 87               # last frame of the window, inclusive (baseline: 87)
-    fps: int = 17                     # frames sampled per second inside the window (baseline: 17 -> 16 frames)
-    num_frames: int = 16              # frames returned per clip
-    frame_size: int = 112             # clips are resized to frame_size x frame_size
+    frame_start: int = 67             # first frame of the window (the VARS baseline: 63)
+    frame_end: int = 83               # last frame of the window, inclusive (the VARS baseline: 87)
+    fps: int = 17                     # nominal sampling rate inside the window (the VARS baseline: 17 -> 16 frames)
+    num_frames: int = 3               # frames returned per clip, spread evenly over the window (baseline: 16)
+    frame_size: int = 112             # frame height (and width when frame_width is 0)
+    frame_width: int = 200            # frame width; 0 = frame_size (square). 200 x 112 keeps 398x224's 16:9
+    resize: str = "crop"              # crop: keep the aspect ratio, cover, centre-crop | squash: stretch to the size
     train_views: int = 2              # views sampled per action in training (all views at evaluation)
     num_workers: int = 0              # DataLoader workers
     pin_memory: bool = False
@@ -42,9 +46,21 @@ class TrainingConfig:
     variant: str = "simplified"       # baseline (control arm) | simplified (A) | progressive (B) | optimized (C)
     complexity_level: int = 2         # progressive variant: 1 basic shared, 2 + attention, 3 + task-specific
     progressive_grow: bool = False    # progressive variant: level = phase number (1, 2, 3) as phases advance
-    backbone: str = "small3d"
+    backbone: str = "frame2d"         # frame2d: small 2D CNN per frame (CPU) | small3d | torchvision video nets
     weights: str = "none"             # "none" | "DEFAULT" (torchvision, needs network) | path to a local file
-    feature_mode: str = "frozen"      # frozen: per-view embeddings cached once | end_to_end
+    feature_mode: str = "learned"     # learned: the representation stage trains the backbone on Train, then its
+                                      # per-view embeddings are cached | frozen: embeddings of `weights` as they
+                                      # are | end_to_end: clips through the backbone in every step
+
+    # ---- representation stage (feature_mode=learned; models/representation.py) -------------------------
+    rep_recipe: str = "balanced"      # plain | sqrt | balanced (class-balanced sampling) | inverse_weights
+    rep_epochs: int = 14
+    rep_lr: float = 2e-3              # Adam, cosine to 0 over the stage
+    rep_batch_size: int = 16          # actions per step (each with train_views views, one random frame each)
+    rep_width: int = 32               # frame2d channels of the first block (doubling per block)
+    rep_weight_decay: float = 1e-4
+    rep_seed: int = 0                 # the stage's seed (-1: the run seed); one stage serves every run seed
+    rep_holdout: float = 0.15         # share of Train held out (stratified) for the stage's early stopping
     hidden_dim: int = 256
     attention_heads: int = 8          # baseline uses 8; optimized forces 4
     dropout: float = 0.2
@@ -126,7 +142,8 @@ class TrainingConfig:
             "variant": VARIANTS, "backbone": BACKBONES, "feature_mode": FEATURE_MODES, "loss": LOSSES,
             "curriculum_pacing": PACINGS, "curriculum_score": DIFFICULTY_SCORES,
             "sampler_phase1": SAMPLERS, "sampler_phase2": SAMPLERS, "sampler_phase3": SAMPLERS,
-            "fallback_variant": VARIANTS, "scheduler": ("cosine", "step", "none"),
+            "fallback_variant": VARIANTS, "scheduler": ("cosine", "step", "none"), "resize": RESIZE_MODES,
+            "rep_recipe": REP_RECIPES,
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -139,9 +156,14 @@ class TrainingConfig:
             raise ConfigError(f"frame_start={self.frame_start} must be <= frame_end={self.frame_end}")
         if not 1 <= self.train_views <= 4:
             raise ConfigError(f"train_views={self.train_views} must be between 1 and 4")
-        for name in ("batch_size", "grad_accum", "num_frames", "frame_size"):
+        for name in ("batch_size", "grad_accum", "num_frames", "frame_size", "rep_epochs", "rep_batch_size",
+                     "rep_width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.frame_width < 0:
+            raise ConfigError(f"frame_width={self.frame_width} must be >= 0 (0 = square)")
+        if not 0.0 <= self.rep_holdout < 0.5:
+            raise ConfigError(f"rep_holdout={self.rep_holdout} must be in [0, 0.5)")
         if not 0.0 < self.curriculum_start <= 1.0:
             raise ConfigError(f"curriculum_start={self.curriculum_start} must be in (0, 1]")
 
@@ -222,12 +244,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return dataclasses.replace(base or TrainingConfig(), **values)
 
 
-# Hardware profiles: overrides applied before a YAML file / --set. The CPU profile makes a trial cheap:
-# a seeded, frozen small 3D CNN whose per-view embeddings are computed once and cached, so trials train only
-# what sits above the backbone. The GPU profile fine-tunes a Kinetics-400 torchvision backbone end to end.
+# Hardware profiles: overrides applied before a YAML file / --set. The CPU profile (= the defaults) learns its
+# representation once: the representation stage trains a small per-frame 2D CNN on Train, its per-view embeddings
+# are cached, and trials train only what sits above it (decoupled representation and classifier). The GPU
+# profile fine-tunes a Kinetics-400 torchvision backbone end to end.
 PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {"backbone": "small3d", "weights": "none", "feature_mode": "frozen", "device": "cpu"},
+    "cpu": {"backbone": "frame2d", "weights": "none", "feature_mode": "learned", "device": "cpu"},
+    # Real data, no GPU: a frozen Kinetics-400 torchvision backbone (r2plus1d_18; --set backbone=s3d, or
+    # backbone=mvit_v2_s frame_size=224) whose per-view embeddings are extracted once and cached (models/features.py);
+    # weights "DEFAULT" (torchvision downloads them) or --set weights=/path/to/state_dict.pth. The frames keep their
+    # aspect ratio: scaled to cover 112x112 and centre-cropped (not 398x224 squashed to a square).
+    "pretrained": {"backbone": "r2plus1d_18", "weights": "DEFAULT", "feature_mode": "frozen", "device": "cpu",
+                   "frame_start": 63, "frame_end": 87, "num_frames": 16, "frame_size": 112, "frame_width": 0,
+                   "resize": "crop", "num_workers": 2},
+    # Fine-tuning end to end: head LRs 5e-4 / 2e-4 / 1e-4, backbone at 0.1-0.2x of them (1e-5..5e-5); the study's
+    # default search space for this profile is experiments/search_space_gpu.yaml.
     "gpu": {"backbone": "r2plus1d_18", "weights": "DEFAULT", "feature_mode": "end_to_end", "device": "cuda",
-            "frame_size": 112, "batch_size": 8, "grad_accum": 4, "amp": True, "num_workers": 4,
-            "pin_memory": True},
+            "frame_start": 63, "frame_end": 87, "num_frames": 16, "frame_size": 112, "frame_width": 0,
+            "resize": "crop", "batch_size": 8, "grad_accum": 4, "amp": True, "num_workers": 4,
+            "pin_memory": True, "phase1_lr": 5e-4, "phase2_lr": 2e-4, "phase3_lr": 1e-4,
+            "backbone_lr_mult_phase1": 0.1, "backbone_lr_mult_phase2": 0.2, "backbone_lr_mult_phase3": 0.2,
+            "weight_decay": 1e-2},
 }

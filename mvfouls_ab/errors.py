@@ -22,6 +22,10 @@ class StudyError(MVFoulsError):
     """A study, storage or tracking URI problem."""
 
 
+class AnalysisError(MVFoulsError):
+    """A table of A/B cells (`ab analyze --cells CELLS.csv`) that cannot be analysed as given."""
+
+
 def located(path: object, message: str, fix: str, action_id: str | None = None) -> str:
     """Format an error message as: '<file>[, action <id>]: <message>. Fix: <fix>'."""
     where = f"{path}" + (f", action {action_id}" if action_id is not None else "")

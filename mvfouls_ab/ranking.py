@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .fsutil import atomic_write
 from .labels import CLASS_SLUGS, TASKS
 
 
@@ -189,10 +190,10 @@ def save_ranking(study: Any, out_dir: Path | str, tracker: Any | None = None) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     df = leaderboard(study)
     csv = out_dir / "leaderboard.csv"
-    df.to_csv(csv, index=False)
+    atomic_write(csv, df.to_csv(index=False))     # every compose worker writes it; readers see a whole file
     best = best_trial_number(df)
     test = rescore_on_test(study, best, out_dir) if best is not None else {"error": "no completed trial"}
-    (out_dir / "best_trial_test.json").write_text(json.dumps(test, indent=2, default=str))
+    atomic_write(out_dir / "best_trial_test.json", json.dumps(test, indent=2, default=str))
     if tracker is not None:
         tracker.log_artifact(csv, "ranking")
         tracker.log_artifact(out_dir / "best_trial_test.json", "ranking")

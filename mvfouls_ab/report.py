@@ -3,9 +3,11 @@
     python -m mvfouls_ab.report --experiment NAME [--storage URL] [--tracking-uri URI] [--out FILE]
     python -m mvfouls_ab.report --study NAME [--storage URL] [--tracking-uri URI] [--out FILE]
 
-A/B experiment (cells stored by `python -m mvfouls_ab.ab`): the leaderboard of the arms against the design's
-targets, per-class recall per arm with 95% CIs, the arms' confusion matrices side by side (summed over cells, rows
-normalized), learning curves, stability events on a timeline, and the verdict table with a forest plot of B - A.
+A/B experiment (cells stored by `python -m mvfouls_ab.ab`): the verdict table with a forest plot of B - A
+(quality metrics; efficiency metrics apart), the leaderboard of the arms against the design's targets, per-class
+recall per arm with 95% CIs, the arms' confusion matrices side by side (summed over cells, rows normalized),
+learning curves, stability events on a timeline. `ab analyze` (cells from anywhere) writes the verdict part alone
+(write_analysis_report).
 HPO study (`python -m mvfouls_ab.study`): the trials' leaderboard against the targets, per-class recall of the best
 trials, their confusion matrices, learning curves (reported values per epoch) and stability events, from what the
 trials stored. The file is also logged to MLflow (the experiment's parent run, or the study's parent run).
@@ -34,6 +36,7 @@ _TARGET_NAMES = {"action_macro_recall": "val/action/macro_recall", "severity_mac
                  "worst_class_recall": "val/min_class_recall", "loss": "val/loss"}
 TARGETS: dict[str, tuple[float, bool]] = {_TARGET_NAMES[t.name]: (t.threshold, t.op == ">")
                                           for t in ranking.TARGETS if t.name in _TARGET_NAMES}
+BOARD = "val/leaderboard"   # the leaderboard's key in the values the figures and target tables read
 VERDICT_COLOURS = {stats.BETTER: "#c8f7c5", stats.WORSE: "#f7c5c5", stats.NO_DIFFERENCE: "#eeeeee"}
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
@@ -218,7 +221,7 @@ def forest_figure(frame, title: str):
                 showlegend=col == 1, marker={"color": colour, "size": 9},
                 error_x={"type": "data", "symmetric": False, "array": r.ci_high - r["diff"],
                              "arrayminus": r["diff"] - r.ci_low},
-                customdata=np.stack([r.p_value, r.p_holm, r.mde], axis=1),
+                customdata=np.stack([r.p_value, r.p_adjusted, r.mde], axis=1),
                 hovertemplate="%{y}: %{x:+.3f}<br>p %{customdata[0]:.3f}, Holm %{customdata[1]:.3f}"
                               "<br>MDE %{customdata[2]:.3f}<extra></extra>"), row=1, col=col)
         finite = rows[np.isfinite(rows.mde)]
@@ -234,6 +237,53 @@ def forest_figure(frame, title: str):
 
 
 # ---- A/B experiment report ----------------------------------------------------------------------------------
+def _fmt(value: float, spec: str = "+.3f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else \
+        ("inf" if isinstance(value, float) and value == math.inf else "n/a")
+
+
+def verdict_section(frame, primary: str | None, alpha: float = 0.05) -> tuple[str, str, list[Any]]:
+    """('Verdicts', html, figures): the headline per arm on `primary`, the quality family's table and forest
+    plot, then the efficiency metrics (their own Holm family) with theirs. Shared by both A/B reports."""
+    if frame.empty:
+        return "Verdicts", "<p>No paired cells yet.</p>", []
+    quality = frame[frame.family == stats.QUALITY]
+    efficiency = frame[frame.family == stats.EFFICIENCY]
+    primary = primary if primary in set(frame.metric) else (quality.metric.iloc[0] if len(quality) else None)
+    items = []
+    for _, r in frame[frame.metric == primary].iterrows():
+        items.append(f"<li><b>{html.escape(r.arm)}</b> vs {html.escape(r.control)}: {html.escape(r.verdict)} on "
+                     f"{html.escape(r.metric)} ({_fmt(r['diff'])}, {100 * (1 - alpha):.0f}% CI [{_fmt(r.ci_low)}, "
+                     f"{_fmt(r.ci_high)}], Holm p {_fmt(r.p_adjusted, '.3f')}, MDE {_fmt(r.mde, '.3f')}, "
+                     f"after Holm {_fmt(r.mde_adjusted, '.3f')})</li>")
+    r0 = frame.iloc[0]
+    k = int(r0.folds)
+    items.append(f"<li>Test: {html.escape(str(r0.test))}, k = {k} folds, n = {int(frame.n.max())} paired cells; "
+                 f"SE = sd(B - A) * sqrt(1/n + 1/(k-1)), df = n - 1. The correction's floor: however many seeds, "
+                 f"SE &ge; sd * {math.sqrt(1 / (k - 1)):.2f} with k = {k}; more folds lower it.</li>")
+    columns = ["arm", "metric", "n", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "se", "p_value", "p_adjusted",
+               "mde", "mde_adjusted", "verdict"]
+
+    def table(rows) -> str:
+        rows = rows.reset_index(drop=True)
+        css = {(i, "verdict"): {stats.BETTER: "pass", stats.WORSE: "fail"}.get(v, "")
+               for i, v in enumerate(rows.verdict)}
+        return html_table(rows[columns], css)
+
+    text = f"<ul>{''.join(items)}</ul>"
+    figures = []
+    if len(quality):
+        text += (f"<h3>Quality metrics</h3><p>Holm over the {int((quality.arm == quality.arm.iloc[0]).sum())} "
+                 f"quality metrics of each comparison (family-wise error &le; {alpha}).</p>" + table(quality))
+        figures.append(forest_figure(quality, f"B - A per quality metric ({100 * (1 - alpha):.0f}% CI; "
+                                              "grey ticks: +-MDE)"))
+    if len(efficiency):
+        text += ("<h3>Efficiency metrics</h3><p>Lower is better; their own Holm family, never mixed with the "
+                 "quality metrics. Wall time is as noisy as the machine the cells shared.</p>" + table(efficiency))
+        figures.append(forest_figure(efficiency, "B - A per efficiency metric (units: s, MiB)"))
+    return "Verdicts", text, figures
+
+
 def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], counts: Mapping[str, int]) -> str:
     table = abtest.results_table(exp, finished)
     frame = abtest.verdict_frame(abtest.analyze(exp, table))
@@ -243,7 +293,9 @@ def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], 
     for cell in finished.values():
         by_arm[cell["arm"]].append(cell)
 
-    values = {a: _group_values([c["metrics"] for c in by_arm[a]], [c["best"] for c in by_arm[a]]) for a in arms}
+    # the held-out scores under the names the shared figures read (val/...)
+    values = {a: _group_values([_as_val(c.get("metrics") or {}) for c in by_arm[a]], [c["best"] for c in by_arm[a]])
+              for a in arms}
     leaderboard = _target_table(values, "arm")
     matrices = {a: {t: sum((np.asarray(c["best"]["confusion_matrices"][t]) for c in by_arm[a]),
                            np.zeros((len(TASKS[t]),) * 2)) for t in TASKS} for a in arms}
@@ -259,42 +311,62 @@ def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], 
     intro = (f"<p>{html.escape(exp.description)}</p><ul>{arm_rows}</ul>"
              f"<p>Design: {len(arms)} arms x {exp.seeds} seeds x {exp.folds} stratified folds of Train+Valid "
              f"(Test untouched) = {counts['cells']} cells; <b>{counts['finished']} finished</b>"
-             f"{'' if complete else ' (PARTIAL)'}. Every arm is compared with the control <b>"
-             f"{html.escape(exp.control)}</b> on the held-out fold of each (seed, fold): paired differences B - A, "
-             f"bootstrap 95% CI of their mean, Wilcoxon signed-rank test, Holm correction over the "
-             f"{len(abtest.verdict_metrics())} metrics, and the minimum detectable effect (MDE, alpha 0.05, "
-             f"power 0.8).</p>")
-    verdict_css = {(i, "verdict"): {stats.BETTER: "pass", stats.WORSE: "fail"}.get(v, "")
-                   for i, v in enumerate(frame.get("verdict", []))}
-    shown = frame[["arm", "metric", "n", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "p_value", "p_holm",
-                   "mde", "mde_holm", "verdict"]] if not frame.empty else frame
-    primary = frame[frame.metric == abtest.PRIMARY_METRIC] if not frame.empty else frame
-    headline = "".join(f"<li><b>{html.escape(r.arm)}</b> vs {html.escape(r.control)}: {html.escape(r.verdict)} on "
-                       f"the leaderboard value ({r['diff']:+.3f}, 95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
-                       f"Holm p {r.p_holm:.3f}, MDE {r.mde:.3f})</li>" for _, r in primary.iterrows())
-    if not frame.empty and not (frame.mde_holm < math.inf).any():
-        n, m = int(frame.n.max()), len(abtest.verdict_metrics())
-        headline += (f"<li><b>Too few pairs for any verdict:</b> with n = {n} (seed, fold) pairs the exact Wilcoxon "
-                     f"test's smallest p value is {stats.min_wilcoxon_p(n):.4f}, which Holm's correction over {m} "
-                     f"metrics multiplies by {m}: nothing can reach 0.05. Run at least 10 pairs (e.g. --seeds 5 "
-                     f"--folds 2) for a verdict.</li>")
+             f"{'' if complete else ' (PARTIAL)'}. Each cell trains on its k - 1 training folds minus an inner "
+             f"validation split (1/{abtest.INNER_FOLDS} of them, stratified), selects its epoch and post-hoc tau "
+             f"there, and is scored on the held-out fold with what it would deploy. Every arm is compared with the "
+             f"control <b>{html.escape(exp.control)}</b>: paired differences B - A per (seed, fold), the corrected "
+             f"resampled t-test for repeated cross-validation (Nadeau &amp; Bengio; its CI and minimum detectable "
+             f"effect from the same variance), Holm's correction over the {len(abtest.quality_metrics())} quality "
+             f"metrics; wall time and peak memory per cell are a separate family.</p>")
     sections = [
-        ("Verdicts", f"<ul>{headline}</ul>" + html_table(shown, verdict_css),
-         [forest_figure(frame, "B - A per metric (95% CI; grey ticks: +-MDE)")] if not frame.empty else []),
+        verdict_section(frame, abtest.PRIMARY_METRIC),
         ("Leaderboard against targets",
-         "<p>Mean over cells of the held-out fold's best epoch; green = target met "
-         "(macro recall > 0.45, macro F1 > 0.40, every class recall > 0.25, val loss < 5). "
-         "Test = the untouched Test split, official leaderboard value.</p>" + leaderboard
+         "<p>Mean over cells of the held-out fold (deployed predictions); green = target met "
+         "(macro recall > 0.45, macro F1 > 0.40, every class recall > 0.25, loss < 5: the held-out "
+         "cross-entropy summed over both tasks).</p>" + leaderboard
          + html_table(summary.round(4)), [targets_figure(values, "Targets per arm (mean, 95% CI over cells)")]),
         ("Per-class recall per arm", "", [per_class_figure(values, "Per-class recall (mean, 95% CI over cells)")]),
-        ("Confusion matrices", ("<p>Summed over the arm's cells (best epoch, held-out fold); colour = share of "
-         "the true class.</p>"), [confusion_figure(matrices, "Confusion matrices per arm")]),
-        ("Learning curves", "<p>Thin: one cell; thick: mean of the arm.</p>",
-         [curves_figure(curves, "Learning curves per arm")]),
+        ("Confusion matrices", ("<p>Summed over the arm's cells (held-out fold, deployed predictions); colour = "
+         "share of the true class.</p>"), [confusion_figure(matrices, "Confusion matrices per arm")]),
+        ("Learning curves", "<p>On each cell's inner validation split (what selects the epoch). Thin: one cell; "
+         "thick: mean of the arm.</p>", [curves_figure(curves, "Learning curves per arm")]),
         ("Stability events", f"<p>{len(events)} events in {sum(map(len, by_arm.values()))} cells.</p>",
          [events_figure(events, "StabilityGuard events per cell")]),
     ]
     return render_page(f"A/B experiment {exp.name}", intro, sections)
+
+
+def _as_val(metrics: Mapping[str, float]) -> dict[str, float]:
+    prefix = f"{abtest.SCORED}/"
+    return {("val/" + k[len(prefix):]) if k.startswith(prefix) else k: v for k, v in metrics.items()}
+
+
+def analysis_report_html(frame, cells, source: str, alpha: float = 0.05) -> str:
+    """The report of `ab analyze`: verdicts (as in the experiment report) and each arm's per-metric means."""
+    import pandas as pd
+
+    arms = list(dict.fromkeys(cells.arm))
+    control = frame.control.iloc[0] if not frame.empty else (arms[0] if arms else "")
+    means = cells.groupby(["metric", "arm"], sort=False).value.agg(["mean", "std", "count"]).reset_index()
+    wide = means.pivot(index="metric", columns="arm", values="mean").reindex(
+        index=list(dict.fromkeys(cells.metric)), columns=arms).reset_index()
+    counts = cells.groupby("arm", sort=False).apply(lambda g: len(set(zip(g.seed, g.fold))), include_groups=False)
+    intro = (f"<p>Cells from <code>{html.escape(source)}</code>: {len(arms)} arms "
+             f"({', '.join(f'{html.escape(a)} ({int(counts.get(a, 0))} cells)' for a in arms)}), "
+             f"{cells.seed.nunique()} seeds x {cells.fold.nunique()} folds, {cells.metric.nunique()} metrics. "
+             f"Control: <b>{html.escape(str(control))}</b>. A metric whose name contains <code>loss</code> or ends "
+             f"in <code>_s</code> / <code>_mb</code> is lower-is-better; <code>system/...</code> metrics are a "
+             f"family of their own.</p>")
+    sections = [verdict_section(frame, abtest.PRIMARY_METRIC, alpha),
+                ("Arm means", "<p>Mean over each arm's cells.</p>" + html_table(pd.DataFrame(wide)), [])]
+    return render_page(f"A/B analysis of {Path(source).name}", intro, sections)
+
+
+def write_analysis_report(frame, cells, out: Path | str, source: str, alpha: float = 0.05) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(analysis_report_html(frame, cells, source, alpha), encoding="utf-8")
+    return out
 
 
 def _group_values(metrics: Sequence[Mapping[str, float]], bests: Sequence[Mapping[str, Any]]) -> dict[str, list]:
@@ -313,7 +385,7 @@ def _target_table(values: Mapping[str, Mapping[str, Sequence[float]]], label: st
 
     rows, css = [], {}
     for i, (name, v) in enumerate(values.items()):
-        row = {label: name, "leaderboard": float(np.nanmean(v.get(abtest.PRIMARY_METRIC) or [math.nan]))}
+        row = {label: name, "leaderboard": float(np.nanmean(v.get(BOARD) or [math.nan]))}
         for metric, (target, higher) in TARGETS.items():
             mean = float(np.nanmean(v.get(metric) or [math.nan]))
             row[metric.removeprefix("val/")] = mean
@@ -356,7 +428,7 @@ def study_report_html(study: Any, top: int = 5) -> str:
         name = f"trial {t.number}"
         valid = (t.user_attrs.get("summary") or {}).get("valid") or {}
         v = {metric: [valid.get(key, math.nan)] for key, metric in _TARGET_NAMES.items()}
-        v[abtest.PRIMARY_METRIC] = [valid.get("leaderboard", math.nan)]
+        v[BOARD] = [valid.get("leaderboard", math.nan)]
         for task in TASKS:
             for slug, r in zip(CLASS_SLUGS[task], valid.get(f"{task}_recall") or []):
                 v[f"val/{task}/recall/{slug}"] = [math.nan if r is None else r]

@@ -1,23 +1,51 @@
-"""Paired statistics for A/B verdicts: B - A per (seed, fold), bootstrap CI, Wilcoxon test, Holm, MDE.
+"""Paired statistics for A/B verdicts over repeated cross-validation: the corrected resampled t-test, Holm, MDE.
 
-Every metric here is "higher is better" (leaderboard value, macro recall, macro F1, class recall).
-A comparison of arm B against the control arm A, for one metric, is:
-- the paired differences d_i = B_i - A_i over the (seed, fold) cells both arms finished;
-- their mean with a paired bootstrap 95% CI (scipy.stats.bootstrap, BCa);
-- a two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon, Pratt's treatment of zero differences);
-- Holm's step-down correction across the metrics of that comparison (family-wise error <= alpha);
-- a verdict from the Holm-adjusted p value and the sign of the mean difference;
-- the minimum detectable effect (MDE): the true mean difference the design detects with probability `power`
-  at level `alpha`, from the paired SD and n (paired t power via the noncentral t, scaled by the Wilcoxon
-  test's asymptotic relative efficiency 3/pi under normal differences, at the level the exact test can really
-  attain (its p values are discrete for small n). When n is so small that the exact
-  Wilcoxon test cannot reach `alpha` at all (2 / 2**n > alpha, e.g. n <= 5 at 0.05) the MDE is infinite.
+Which test
+    The **corrected resampled t-test** for r x k-fold cross-validation (Nadeau & Bengio 2003, "Inference for the
+    generalization error", Machine Learning 52; in the r x k form of Bouckaert & Frank 2004, "Evaluating the
+    replicability of significance tests for comparing learning algorithms", PAKDD). With d_i = B_i - A_i the paired
+    differences over the n = r k (seed, fold) cells both arms finished, mean d and sample variance s^2 (ddof 1):
+
+        SE^2 = (1 / n + n_test / n_train) * s^2,      t = mean d / SE,      df = n - 1
+
+    and a two-sided p value from Student's t with df degrees of freedom (scipy.stats.t). n_test / n_train is the
+    ratio of a cell's scored part to its training part: 1 / (k - 1) for k-fold cross-validation, the value used
+    everywhere here (the runner and `ab analyze` alike), so that a CSV of cells gives the verdicts the runner gave.
+
+Why
+    The cells are not independent. The k training sets of one seed overlap (any two share (k - 2) / (k - 1) of
+    their data), and every arm and seed reuses the same data, so the differences d_i are positively correlated.
+    A test that treats them as independent pairs (a plain paired t-test, or the Wilcoxon signed-rank test this
+    module used before) estimates Var(mean d) as s^2 / n, far too small: under an equicorrelation rho = 1/k it
+    rejects a true null about half the time at alpha 0.05 with 5 seeds x 5 folds (benchmarks/ab_calibration.py).
+    Nadeau & Bengio's correction adds n_test / n_train * s^2. If every pair of cells is correlated with
+    rho = n_test / (n_test + n_train) (= 1/k for k-fold), E[s^2] = (1 - rho) sigma^2 and the corrected SE^2 equals
+    Var(mean d) = sigma^2 (rho + (1 - rho) / n) exactly; moreover s^2 is then independent of mean d and distributed
+    as (1 - rho) sigma^2 chi2(n-1) / (n-1), so t follows Student's t(n - 1) exactly and the test holds its level.
+
+Assumptions (what the calibration rests on)
+    - The differences are roughly normal (the t test; with n = 25 cells it is robust to moderate skew), with one
+      common variance and a common correlation between any two cells of about n_test / (n_test + n_train).
+      Real cells share more within a seed than across seeds; the correction is a heuristic there, and the
+      benchmark measures its false-positive rate on real A/A runs too.
+    - Cells are paired: cell (seed, fold) of B saw the same partition as cell (seed, fold) of A.
+    - If the cells are in fact (nearly) independent the test is conservative (its SE is too large), never liberal.
+    - The correction sets a floor: however many seeds, SE >= s sqrt(n_test / n_train); more folds lower it.
+
+The rest of a comparison uses the same variance: the CI is mean d +- t_{1-alpha/2, df} SE; the minimum detectable
+effect (MDE) is the true mean difference this test detects with probability `power` at `alpha` (noncentral t with
+noncentrality delta / SE, df = n - 1), and `mde_adjusted` the same at alpha / m (Holm's first, strictest step);
+the report shows all of them. Holm's step-down correction runs across the *quality* metrics of one comparison
+(family-wise error <= alpha); efficiency metrics (`system/...`: wall time, peak memory) are a family of their own,
+reported but never diluting or diluted by the quality family. Each metric has a direction: a name containing
+`loss` or ending in `_s` / `_mb` is lower-is-better, every other one higher-is-better; the verdict ("B better",
+"B worse", "no detectable difference") is judged on that direction from the Holm-adjusted p value.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -27,7 +55,19 @@ from scipy import optimize, stats
 BETTER = "B better"
 WORSE = "B worse"
 NO_DIFFERENCE = "no detectable difference"
-WILCOXON_ARE = 3.0 / math.pi  # efficiency of the signed-rank test relative to the t test, normal data
+TEST_NAME = "corrected resampled t (Nadeau-Bengio, r x k-fold)"
+QUALITY, EFFICIENCY = "quality", "efficiency"
+HIGHER, LOWER = "higher", "lower"
+
+
+def direction(metric: str) -> str:
+    """'lower' when a smaller value is better (name contains `loss`, or ends in `_s` / `_mb`), else 'higher'."""
+    return LOWER if ("loss" in metric or metric.endswith(("_s", "_mb"))) else HIGHER
+
+
+def family(metric: str) -> str:
+    """The Holm family of a metric: `system/...` (wall time, memory) is efficiency, everything else quality."""
+    return EFFICIENCY if metric.startswith("system/") else QUALITY
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -44,9 +84,90 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     return adjusted
 
 
-def paired_test(diffs: Sequence[float]) -> float:
-    """Two-sided Wilcoxon signed-rank p value of paired differences (1.0 when every difference is zero)."""
+def cv_ratio(n_folds: int) -> float:
+    """n_test / n_train of one k-fold cell: 1 / (k - 1)."""
+    if n_folds < 2:
+        raise ValueError(f"the corrected test needs at least 2 folds, got {n_folds}")
+    return 1.0 / (n_folds - 1)
+
+
+@dataclass(frozen=True)
+class TTest:
+    """The corrected resampled t-test of one vector of paired differences."""
+
+    n: int
+    mean: float
+    sd: float          # sample SD of the differences (ddof 1)
+    se: float          # corrected standard error of the mean
+    df: int
+    t: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+
+
+def corrected_t_test(diffs: Sequence[float], n_folds: int, alpha: float = 0.05,
+                     ratio: float | None = None) -> TTest:
+    """Two-sided corrected resampled t-test of mean(diffs) = 0 for r x k-fold cells, with its (1 - alpha) CI.
+
+    ratio: n_test / n_train of a cell (default 1 / (n_folds - 1)). NaNs are dropped. With fewer than two
+    differences nothing can be tested (p NaN). If every difference is equal: p = 1 when they are all 0, else 0
+    (no spread: the difference is certain), and the CI is that value.
+    """
     d = np.asarray(diffs, dtype=float)
+    d = d[~np.isnan(d)]
+    n = len(d)
+    r = cv_ratio(n_folds) if ratio is None else float(ratio)
+    if n == 0:
+        return TTest(0, math.nan, math.nan, math.nan, 0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(d.mean())
+    if n < 2:
+        return TTest(1, mean, math.nan, math.nan, 0, math.nan, math.nan, math.nan, math.nan)
+    sd = float(d.std(ddof=1))
+    df = n - 1
+    if sd == 0.0 or not np.isfinite(sd) or np.all(d == d[0]):
+        p = 1.0 if mean == 0 else 0.0
+        return TTest(n, mean, 0.0, 0.0, df, 0.0 if mean == 0 else math.copysign(math.inf, mean), p, mean, mean)
+    se = sd * math.sqrt(1.0 / n + r)
+    t = mean / se
+    p = float(2.0 * stats.t.sf(abs(t), df))
+    half = float(stats.t.ppf(1.0 - alpha / 2.0, df)) * se
+    return TTest(n, mean, sd, se, df, t, p, mean - half, mean + half)
+
+
+@lru_cache(maxsize=1024)
+def _detectable_noncentrality(df: int, alpha: float, power: float) -> float:
+    """The noncentrality delta / SE at which a two-sided t test (df, alpha) rejects with probability `power`."""
+    t_crit = float(stats.t.ppf(1.0 - alpha / 2.0, df))
+
+    def rejection(nc: float) -> float:
+        lower = np.nan_to_num(stats.nct.cdf(-t_crit, df, nc), nan=0.0)   # ~0; scipy gives NaN far out
+        return float(stats.nct.sf(t_crit, df, nc) + lower) - power
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(optimize.brentq(rejection, 1e-9, 60.0))
+
+
+def minimum_detectable_effect(sd: float, n: int, n_folds: int, alpha: float = 0.05, power: float = 0.8,
+                              ratio: float | None = None) -> float:
+    """Smallest true mean difference the corrected test at `alpha` detects with `power` (same SE as the test).
+
+    inf: fewer than 2 cells; NaN: no spread (sd 0 or undefined) to size an effect by.
+    """
+    if n < 2:
+        return math.inf
+    if sd == 0 or math.isnan(sd):
+        return math.nan
+    r = cv_ratio(n_folds) if ratio is None else float(ratio)
+    return _detectable_noncentrality(n - 1, float(alpha), float(power)) * sd * math.sqrt(1.0 / n + r)
+
+
+def wilcoxon_test(diffs: Sequence[float]) -> float:
+    """The previous test, kept for comparison (benchmarks/ab_calibration.py): two-sided Wilcoxon signed-rank p
+    value treating the cells as independent pairs (Pratt's zeros; 1.0 when every difference is zero)."""
+    d = np.asarray(diffs, dtype=float)
+    d = d[~np.isnan(d)]
     if len(d) == 0 or np.all(d == 0):
         return 1.0
     with warnings.catch_warnings():
@@ -55,82 +176,12 @@ def paired_test(diffs: Sequence[float]) -> float:
     return 1.0 if math.isnan(p) else p
 
 
-def min_wilcoxon_p(n: int) -> float:
-    """Smallest two-sided p value the exact signed-rank test can give with n non-zero differences."""
-    return min(1.0, 2.0 / 2.0 ** n) if n > 0 else 1.0
-
-
-@lru_cache(maxsize=256)
-def attainable_alpha(n: int, alpha: float) -> float:
-    """Largest two-sided p value <= alpha the exact signed-rank test can give with n differences.
-
-    The exact test is discrete: with n = 6 the p values jump from 0.03125 to 0.0625, so a test "at 0.05" really
-    rejects at 0.03125. Computed from scipy's exact distribution by testing a difference vector whose negative
-    ranks sum to k, for k = 0, 1, ... (p grows with k). Above n = 50 scipy uses the normal approximation: alpha.
-    """
-    if n > 50:
-        return alpha
-    best = 0.0
-    for k in range(n * (n + 1) // 4 + 1):
-        negative, remaining = set(), k
-        for rank in range(n, 0, -1):  # greedy: any k <= n(n+1)/2 is a sum of distinct ranks
-            if rank <= remaining:
-                negative.add(rank)
-                remaining -= rank
-        d = np.array([-r if r in negative else r for r in range(1, n + 1)], dtype=float)
-        p = float(stats.wilcoxon(d, method="exact").pvalue)
-        if p > alpha:
-            break
-        best = p
-    return best
-
-
-def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest true mean difference a two-sided paired Wilcoxon test at `alpha` detects with `power`.
-
-    inf: n too small for the exact test to ever reach `alpha`; NaN: no spread (sd 0 or undefined) to size it by.
-    """
-    if n < 2 or min_wilcoxon_p(n) > alpha:
-        return math.inf
-    if sd == 0 or math.isnan(sd):
-        return math.nan   # every pair differs by the same amount (often 0 = 0): no spread to size an effect by
-    df = n - 1
-    t_crit = stats.t.ppf(1 - attainable_alpha(n, alpha) / 2, df)
-
-    def t_power(effect: float) -> float:
-        nc = effect * math.sqrt(n) / sd
-        lower_tail = np.nan_to_num(stats.nct.cdf(-t_crit, df, nc), nan=0.0)  # ~0; scipy gives NaN far out
-        return float(stats.nct.sf(t_crit, df, nc) + lower_tail)
-
-    upper = sd * 12.0 / math.sqrt(n)  # noncentrality 12: power ~1 for any n >= 2 that can reach alpha
-    effect_t = optimize.brentq(lambda e: t_power(e) - power, 1e-12 * sd, upper)
-    return effect_t / math.sqrt(WILCOXON_ARE)
-
-
-def bootstrap_ci(a: np.ndarray, b: np.ndarray, confidence: float = 0.95, n_resamples: int = 4999,
-                 seed: int = 0) -> tuple[float, float]:
-    """Paired bootstrap CI of mean(b - a) (BCa; percentile when BCa is degenerate)."""
-    d = b - a
-    if len(d) < 2 or np.all(d == d[0]):
-        return float(d.mean()), float(d.mean())
-
-    def mean_diff(x, y, axis=-1):
-        return np.mean(y - x, axis=axis)
-
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = stats.bootstrap((a, b), mean_diff, paired=True, vectorized=True, n_resamples=n_resamples,
-                                  confidence_level=confidence, method=method, rng=np.random.default_rng(seed))
-        low, high = res.confidence_interval
-        if np.isfinite(low) and np.isfinite(high):
-            return float(low), float(high)
-    return float("nan"), float("nan")
-
-
 def mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 1999,
             seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): bootstrap CI of the mean of one arm's per-cell values (NaN bounds for n < 2)."""
+    """(mean, low, high): bootstrap CI of the mean of one arm's per-cell values (NaN bounds for n < 2).
+
+    Descriptive only (the report's bars); verdicts never use it.
+    """
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
     if len(x) == 0:
@@ -146,41 +197,48 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int 
 
 @dataclass(frozen=True)
 class MetricComparison:
-    """One metric of one comparison (arm B against control arm A)."""
+    """One metric of one comparison (arm B against control arm A). diff, CI and MDE are in the metric's units."""
 
-    metric: str
-    control: str
     arm: str
+    metric: str
     n: int                 # paired (seed, fold) cells
-    mean_a: float
-    mean_b: float
     diff: float            # mean of B - A
     ci_low: float
     ci_high: float
-    sd_diff: float
     p_value: float
-    p_holm: float
+    p_adjusted: float      # Holm over the metric's family in this comparison
     verdict: str
+    control: str
+    mean_a: float
+    mean_b: float
+    sd_diff: float
+    se: float              # corrected SE of diff (the CI's, the test's and the MDE's)
+    df: int
+    folds: int             # k of the correction (n_test / n_train = 1 / (k - 1))
+    direction: str         # "higher" or "lower" is better
+    family: str            # "quality" (Holm family of the verdict) or "efficiency"
     mde: float             # at alpha, power (one metric)
-    mde_holm: float        # at alpha / m (Holm's first, strictest step): what the corrected design can detect
+    mde_adjusted: float    # at alpha / m (Holm's first, strictest step): what the corrected design can detect
+    test: str = TEST_NAME
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def verdict(diff: float, p_adjusted: float, alpha: float = 0.05) -> str:
-    if not math.isnan(p_adjusted) and p_adjusted < alpha and diff != 0:
-        return BETTER if diff > 0 else WORSE
-    return NO_DIFFERENCE
+def verdict(diff: float, p_adjusted: float, alpha: float = 0.05, better: str = HIGHER) -> str:
+    """'B better' / 'B worse' when the adjusted p value is below alpha, judged on the metric's direction."""
+    if math.isnan(p_adjusted) or math.isnan(diff) or not p_adjusted < alpha or diff == 0:
+        return NO_DIFFERENCE
+    return BETTER if (diff > 0) == (better == HIGHER) else WORSE
 
 
-def compare(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], control: str = "A", arm: str = "B",
-            alpha: float = 0.05, power: float = 0.8, n_resamples: int = 4999,
-            seed: int = 0) -> list[MetricComparison]:
+def compare(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]], n_folds: int, control: str = "A",
+            arm: str = "B", alpha: float = 0.05, power: float = 0.8,
+            ratio: float | None = None) -> list[MetricComparison]:
     """Compare arm B with control A on every metric both have; values are aligned by (seed, fold) order.
 
     a[metric] and b[metric] are equally long sequences of per-cell values, cell i of A paired with cell i of B.
-    NaN pairs (a metric missing in a cell) are dropped for that metric only.
+    NaN pairs (a metric missing in a cell) are dropped for that metric only. Holm runs within each family.
     """
     metrics = [m for m in a if m in b]
     rows = []
@@ -190,19 +248,25 @@ def compare(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], contro
             raise ValueError(f"metric {metric}: {len(x)} control cells vs {len(y)} arm cells")
         keep = ~(np.isnan(x) | np.isnan(y))
         x, y = x[keep], y[keep]
-        d = y - x
-        n = len(d)
-        sd = float(d.std(ddof=1)) if n > 1 else math.nan
-        low, high = bootstrap_ci(x, y, 1 - alpha, n_resamples, seed) if n else (math.nan, math.nan)
-        rows.append({"metric": metric, "n": n, "mean_a": float(x.mean()) if n else math.nan,
-                         "mean_b": float(y.mean()) if n else math.nan, "diff": float(d.mean()) if n else math.nan,
-                         "ci_low": low, "ci_high": high, "sd_diff": sd, "p_value": paired_test(d) if n else math.nan})
-    adjusted = holm([r["p_value"] for r in rows])
-    m = max(1, int(np.sum(~np.isnan(adjusted))))
+        test = corrected_t_test(y - x, n_folds, alpha, ratio)
+        rows.append({"metric": metric, "n": test.n, "diff": test.mean, "ci_low": test.ci_low,
+                     "ci_high": test.ci_high, "p_value": test.p_value,
+                     "mean_a": float(x.mean()) if len(x) else math.nan,
+                     "mean_b": float(y.mean()) if len(y) else math.nan, "sd_diff": test.sd, "se": test.se,
+                     "df": test.df, "direction": direction(metric), "family": family(metric)})
+    adjusted = np.full(len(rows), np.nan)
+    family_size = {}
+    for fam in (QUALITY, EFFICIENCY):
+        idx = [i for i, r in enumerate(rows) if r["family"] == fam]
+        if idx:
+            adjusted[idx] = holm([rows[i]["p_value"] for i in idx])
+            family_size[fam] = max(1, int(np.sum(~np.isnan(adjusted[idx]))))
     out = []
     for r, p_adj in zip(rows, adjusted):
+        m = family_size.get(r["family"], 1)
         out.append(MetricComparison(
-            control=control, arm=arm, p_holm=float(p_adj), verdict=verdict(r["diff"], p_adj, alpha),
-            mde=minimum_detectable_effect(r["sd_diff"], r["n"], alpha, power),
-            mde_holm=minimum_detectable_effect(r["sd_diff"], r["n"], alpha / m, power), **r))
+            control=control, arm=arm, p_adjusted=float(p_adj), folds=int(n_folds),
+            verdict=verdict(r["diff"], p_adj, alpha, r["direction"]),
+            mde=minimum_detectable_effect(r["sd_diff"], r["n"], n_folds, alpha, power, ratio),
+            mde_adjusted=minimum_detectable_effect(r["sd_diff"], r["n"], n_folds, alpha / m, power, ratio), **r))
     return out

@@ -33,7 +33,6 @@ import contextlib
 import copy
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -48,11 +47,13 @@ from urllib.parse import urlparse
 import numpy as np
 import yaml
 
-from . import ranking
+from . import ranking, shutdown
 from .config import FIELD_TYPES, PROFILES, TrainingConfig, coerce
 from .errors import ConfigError, MVFoulsError, StudyError, located
+from .fsutil import claim_run_folder, remove_run_folder
 from .tracking import (
     DEFAULT_TRACKING_URI,
+    SPILL_NAME,
     MLflowSink,
     RunTracker,
     check_tracking_uri,
@@ -61,11 +62,14 @@ from .tracking import (
     normalize_db_url,
     wait_closed,
 )
+from .urls import STORAGE_ENV, TRACKING_ENV, redact, redact_text
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_SEARCH_SPACE_FILE = Path(__file__).resolve().parent.parent / "experiments" / "search_space.yaml"
+# A profile's own default search space (--search-space overrides it); the other profiles use DEFAULT_SEARCH_SPACE.
+PROFILE_SEARCH_SPACES: dict[str, Path] = {"gpu": DEFAULT_SEARCH_SPACE_FILE.with_name("search_space_gpu.yaml")}
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
 PRUNERS = ("median", "hyperband", "none")
 
@@ -209,16 +213,16 @@ def check_storage_url(url: str) -> str:
     parsed = urlparse(url)
     scheme = parsed.scheme.split("+")[0]
     if scheme not in STORAGE_SCHEMES or (scheme == "sqlite" and not url.startswith("sqlite:///")):
-        raise StudyError(located("--storage", f"{url!r} is not a storage URL this tool supports",
+        raise StudyError(located("--storage", f"{redact(url)!r} is not a storage URL this tool supports",
                                  "use sqlite:///optuna.db or postgresql://USER@HOST:PORT/DB"))
     if scheme != "sqlite":
         try:
             _ = parsed.port
         except ValueError:
-            raise StudyError(located("--storage", f"{url!r} has an invalid port",
+            raise StudyError(located("--storage", f"{redact(url)!r} has an invalid port",
                                      "write postgresql://USER@HOST:PORT/DB with a numeric port")) from None
         if not parsed.hostname or not parsed.path.strip("/"):
-            raise StudyError(located("--storage", f"{url!r} needs a host and a database name",
+            raise StudyError(located("--storage", f"{redact(url)!r} needs a host and a database name",
                                      "write postgresql://USER@HOST:PORT/DB"))
     return url
 
@@ -226,7 +230,7 @@ def check_storage_url(url: str) -> str:
 def make_storage(url: str, heartbeat: int = 10):
     """RDBStorage with a heartbeat and automatic retry of trials whose worker died."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     check_storage_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -239,13 +243,67 @@ def make_storage(url: str, heartbeat: int = 10):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(normalize_db_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                               grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                  max_retry=3, inherit_intermediate_values=True))
+                              heartbeat_stale_trial_callback=StaleTrialRetry(max_retry=3))
     except Exception as exc:  # noqa: BLE001 - sqlalchemy OperationalError / ArgumentError / missing driver
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StudyError(located("--storage", f"cannot open storage {url!r} ({type(exc).__name__}: {first})",
+        first = redact_text(first, [url])
+        raise StudyError(located("--storage", f"cannot open storage {redact(url)!r} ({type(exc).__name__}: {first})",
                                  "start the database server / create the database, or use sqlite:///optuna.db"
                                  )) from None
+
+
+def retry_trial(study: Any, frozen: Any, graceful: bool = False, max_retry: int | None = None) -> bool:
+    """Enqueue a WAITING copy of a failed trial: same params, user attributes (its run folder and MLflow run id) and
+    intermediate values, with the system attributes of Optuna's RetryHeartbeatStaleTrialCallback (``failed_trial``,
+    ``retry_history``), so the retry finds the original's run folder (trial_run_dir) and continues its MLflow run.
+    ``graceful``: a trial handed back on a stop signal; those retries do not count against ``max_retry`` (workers
+    scaled down again and again must not use up a trial's retries). Returns False when past max_retry."""
+    import optuna
+
+    system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
+    system_attrs["retry_history"] = [*system_attrs["retry_history"], frozen.number]
+    system_attrs["handed_back_retries"] = int(system_attrs.get("handed_back_retries", 0)) + int(graceful)
+    if max_retry is not None and max_retry < len(system_attrs["retry_history"]) - system_attrs["handed_back_retries"]:
+        return False
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+        user_attrs=frozen.user_attrs, system_attrs=system_attrs, intermediate_values=frozen.intermediate_values))
+    return True
+
+
+class StaleTrialRetry:
+    """The RDB heartbeat's stale-trial callback: a dead worker's trial is retried (retry_trial), up to max_retry
+    times not counting graceful hand-backs."""
+
+    def __init__(self, max_retry: int | None = 3) -> None:
+        self.max_retry = max_retry
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        retry_trial(study, trial, graceful=False, max_retry=self.max_retry)
+
+
+def hand_back(study: Any, trial_id: int | None) -> int | None:
+    """Give a trial this worker was running back to the study (after a stop signal): it is marked FAIL (if Optuna
+    has not done so) and a retry with the same parameters is enqueued, which the next free worker takes first and
+    resumes from the trial's last checkpoint in the same MLflow run. Returns the handed-back trial's number, or None
+    when there was nothing to hand back (the trial had finished, or is retried already)."""
+    from optuna.trial import TrialState
+
+    if trial_id is None:
+        return None
+    storage = study._storage
+    frozen = storage.get_trial(trial_id)
+    if frozen.state == TrialState.RUNNING:
+        with contextlib.suppress(Exception):       # a worker that saw it stale may have failed it first
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        frozen = storage.get_trial(trial_id)
+    if frozen.state != TrialState.FAIL:
+        return None
+    for t in study.get_trials(deepcopy=False):
+        if (t.system_attrs.get("retry_history") or [None])[-1] == frozen.number:
+            return None                            # retried already (a stale-heartbeat retry)
+    retry_trial(study, frozen, graceful=True)
+    return frozen.number
 
 
 def make_pruner(name: str, max_resource: int):
@@ -310,6 +368,8 @@ class StudyContext:
     commit: str
     quiet: bool = False
     extra_sinks: list[Any] = field(default_factory=list)
+    spill_dir: Path | None = None          # MLflow spill files (default: the trial's run folder)
+    current_trial: int | None = None       # the trial id this worker runs (handed back on a stop signal)
 
 
 def trial_run_dir(ctx: StudyContext, trial: Any) -> tuple[Path, int | None]:
@@ -334,19 +394,32 @@ def objective(trial: Any, ctx: StudyContext) -> float:
     from .training.phases import phase_plan
     from .training.trainer import Trainer
 
+    ctx.current_trial = trial._trial_id
     cfg = ctx.base.replace(**suggest(trial, ctx.space, ctx.base))
     run_dir, retry_of = trial_run_dir(ctx, trial)
     if retry_of is None and run_dir.exists():   # left over from an earlier study of the same name
-        shutil.rmtree(run_dir)
+        remove_run_folder(run_dir, "a new trial")
+    claim_run_folder(run_dir, "trial")
     plan = phase_plan(cfg)
     resume_run = trial.user_attrs.get("mlflow_run_id") if retry_of is not None else None
+    superseded = None
+    if resume_run and not has_checkpoint(run_dir):
+        # this worker cannot see the dead worker's checkpoint (no shared --out): it starts at epoch 0, so it logs
+        # to a new run (tagged as the retry of the old one) instead of logging its steps a second time over it
+        superseded, resume_run = resume_run, None
     tags = {"optuna.study": ctx.name, "optuna.trial_number": trial.number, "variant": cfg.variant,
             "complexity_level": cfg.complexity_level, "phase_plan": " -> ".join(f"{p.name}({p.epochs})" for p in plan),
             "data_fingerprint": ctx.fingerprint, "git_commit": ctx.commit, "run_dir": str(run_dir)}
     if retry_of is not None:
         tags["retry_of_trial"] = retry_of
-    tracker = RunTracker(ctx.tracking_uri, ctx.name, f"trial-{trial.number:04d}", tags=tags,
-                         parent_run_id=ctx.parent_run_id, run_dir=run_dir, resume_run_id=resume_run)
+    if superseded:
+        tags["retry_of_run"] = superseded
+    spill = (ctx.spill_dir / ctx.name / run_dir.name / SPILL_NAME) if ctx.spill_dir else None
+    tracker = RunTracker(ctx.tracking_uri, ctx.name, f"trial-{trial.number:04d}-{cfg.variant}", tags=tags,
+                         parent_run_id=ctx.parent_run_id, run_dir=run_dir, resume_run_id=resume_run,
+                         spill_path=spill)
+    if superseded:
+        _retire_run(tracker, ctx, superseded, trial.number)
     if resume_run:
         tracker.set_tags(tags)
     tracker.log_params(cfg.flat())
@@ -366,6 +439,7 @@ def objective(trial: Any, ctx: StudyContext) -> float:
     if not ctx.quiet:
         sinks.append(ConsoleSink(total_epochs=sum(p.epochs for p in plan), file=sys.stdout, progress=False,
                                  phase_epochs={p.name: p.epochs for p in plan}))
+    sinks.append(shutdown.StopSink())     # last: a stop signal ends the trial after a checkpointed, logged epoch
     print(f"trial {trial.number}{f' (retry of {retry_of})' if retry_of is not None else ''}: {cfg.variant} | "
           f"{tags['phase_plan']} | loss {cfg.loss} | run folder {run_dir}", flush=True)
     try:
@@ -373,6 +447,14 @@ def objective(trial: Any, ctx: StudyContext) -> float:
     except optuna.TrialPruned:
         tracker.set_tags({"pruned": "true"})
         tracker.end("KILLED", wait=False)         # the run finishes sending while the next trial starts
+        _late_run_id(trial, tracker)
+        raise
+    except KeyboardInterrupt as exc:         # a stop signal (GracefulStop) or a second one: run() hands it back
+        graceful = isinstance(exc, shutdown.GracefulStop)
+        tracker.set_tags({"stopped": f"{type(exc).__name__}: {exc}"[:500], "handed_back": "true"})
+        # KILLED until a retry resumes the run (RUNNING again); what is not sent in time stays in the spill file,
+        # which the retry replays first
+        tracker.end("KILLED", flush_timeout=10.0 if graceful else 0.5)
         _late_run_id(trial, tracker)
         raise
     except BaseException as exc:
@@ -387,6 +469,11 @@ def objective(trial: Any, ctx: StudyContext) -> float:
     trial.set_user_attr("annotations", {"valid": str(ctx.data.valid.annotations_path),
                                         "test": str(ctx.data.test.annotations_path)})
     mlflow_sink.log_result(result)
+    from .modelpack import log_run_model
+
+    log_run_model(tracker, cfg, result, ctx.data, run_dir, step=len(result.history),
+                  source={"study": ctx.name, "trial": trial.number, "run_dir": run_dir,
+                          "data_fingerprint": ctx.fingerprint, "git_commit": ctx.commit})
     tracker.log_metrics({f"summary/{split}/{k}": v for split, s in summary.items() for k, v in s.items()
                          if isinstance(v, (int, float)) and v is not None}, step=len(result.history))
     passed = ranking.checks(summary["valid"])
@@ -398,7 +485,8 @@ def objective(trial: Any, ctx: StudyContext) -> float:
 
 
 def checkpointed_records(run_dir: Path) -> list[Any]:
-    """The DetailedMetrics records the Trainer wrote with its last checkpoint (run_dir/metrics.jsonl)."""
+    """The DetailedMetrics records the Trainer wrote with its last checkpoint (run_dir/metrics.jsonl). A last line
+    cut short (a writer killed mid-append) is left out: its epoch is not in the checkpoint either."""
     import json
 
     from .metrics import DetailedMetrics
@@ -406,7 +494,31 @@ def checkpointed_records(run_dir: Path) -> list[Any]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [DetailedMetrics.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(DetailedMetrics.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            log.warning("%s: unreadable line left out (a write cut short)", path)
+    return records
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether this worker sees the trial's last epoch checkpoint (the Trainer's checkpoints/last.pt)."""
+    from .training import checkpoint
+
+    return (Path(run_dir) / "checkpoints" / checkpoint.LAST).is_file()
+
+
+def _retire_run(tracker: RunTracker, ctx: StudyContext, old_run_id: str, trial_number: int) -> None:
+    """End the run of a retried trial that this worker cannot continue (KILLED, tagged with its successor), sent
+    in the background with the same retries as every other operation."""
+    old = RunTracker(ctx.tracking_uri, ctx.name, "", resume_run_id=old_run_id, client=tracker.client)
+    new_id = tracker.wait_run_id(timeout=5.0)
+    old.set_tags({"superseded_by_trial": trial_number, **({"superseded_by_run": new_id} if new_id else {})})
+    old.end("KILLED", wait=False)
 
 
 def _late_run_id(trial: Any, tracker: RunTracker) -> None:
@@ -460,16 +572,24 @@ def build_base_config(args: argparse.Namespace, space: dict[str, Any]) -> Traini
     return base
 
 
-def prepare_data(cfg: TrainingConfig) -> Any:
-    """Load the data once per worker; compute and cache frozen features before any trial (and before workers)."""
+def prepare_data(cfg: TrainingConfig, tracking_uri: str | None = None, experiment: str | None = None) -> Any:
+    """Load the data once per worker; before any trial (and before other workers): learn the representation
+    (feature_mode=learned: once per data set and stage recipe, logged to MLflow as its own run) and compute and
+    cache the per-view features."""
     from .data.dataset import load_data
 
     data = load_data(cfg)
-    if cfg.feature_mode == "frozen":
+    if cfg.feature_mode in ("frozen", "learned"):
         from .models.features import load_features
+        from .training.sources import feature_config
 
+        feat_cfg, rep = feature_config(cfg, data, progress=True)
+        if rep.get("computed") and tracking_uri and experiment:
+            from .training.representation import learned_representation, log_representation_run
+
+            log_representation_run(learned_representation(cfg, data), tracking_uri, experiment)
         for split in data.splits().values():
-            load_features(cfg, split, data.cache, progress=False)
+            load_features(feat_cfg, split, data.cache, progress=True)     # bars: decoding, feature extraction
     return data
 
 
@@ -483,12 +603,10 @@ def parent_run(study: Any, args: argparse.Namespace, ctx_tags: dict[str, Any]) -
     client = make_client(args.tracking_uri)
     found = study.user_attrs.get("mlflow_parent_run_id")
     if found:
-        try:
-            client.get_run(found)
+        if run_exists(client, found, args.tracking_uri):
             return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=found, client=client)
-        except Exception as exc:  # noqa: BLE001 - a deleted or foreign run id: start a new parent run
-            log.warning("study %s: parent run %s not found in MLflow (%s); starting a new one",
-                        study.study_name, found, exc)
+        log.warning("study %s: parent run %s does not exist in MLflow (deleted); starting a new one",
+                    study.study_name, found)
     tracker = RunTracker(args.tracking_uri, study.study_name, f"study-{study.study_name}",
                          tags={**ctx_tags, "role": "study"}, client=client)
     run_id = tracker.wait_run_id(timeout=60.0)
@@ -504,6 +622,25 @@ def parent_run(study: Any, args: argparse.Namespace, ctx_tags: dict[str, Any]) -
         client.delete_run(run_id)
         return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=winner, client=client)
     return tracker
+
+
+def run_exists(client: Any, run_id: str, tracking_uri: str, attempts: int = 8) -> bool:
+    """False only when MLflow answers that the run does not exist (RESOURCE_DOES_NOT_EXIST) or is deleted. Any other
+    error (a timeout, a restarting server) is retried with backoff, then reported as a StudyError: a server that
+    does not answer is no reason to start a second parent run."""
+    delay, last = 0.5, None
+    for _ in range(attempts):
+        try:
+            return client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            last = exc
+        time.sleep(delay)
+        delay = min(2 * delay, 8.0)
+    raise StudyError(located("--tracking-uri", f"MLflow at {redact(tracking_uri)} did not answer about run {run_id} "
+                             f"({type(last).__name__}: {redact_text(str(last), [tracking_uri])[:300]})",
+                             "start the tracking server (or wait for it) and run the worker again"))
 
 
 def claim_parent_run(study: Any, run_id: str, found: str | None, settle_s: float = 0.5) -> str:
@@ -552,22 +689,34 @@ def finished_count(study: Any) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .cli import HelpFormatter
+
     p = argparse.ArgumentParser(prog="python -m mvfouls_ab.study", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--trials", type=int, default=50, help="trials to finish in this invocation (all workers)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
     p.add_argument("--study-name", default="mvfouls", help="Optuna study = MLflow experiment name")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna RDB storage URL (postgresql://... for workers)")
-    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE,
+                   help=f"Optuna RDB storage URL (postgresql://... for workers; default ${STORAGE_ENV} or "
+                        f"{DEFAULT_STORAGE}: put a URL with a password there, or in ~/.pgpass, not on the command line)")
+    p.add_argument("--tracking-uri", default=os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI,
+                   help=f"MLflow tracking URI (default ${TRACKING_ENV} or {DEFAULT_TRACKING_URI})")
     p.add_argument("--data", default=None, help="MVFouls root; default: the cached synthetic data set")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="hardware profile (config.PROFILES)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="hardware profile: cpu (a small per-frame CNN learned on Train, cached "
+                   "features), pretrained (frozen Kinetics-400 video-net features on CPU), gpu (fine-tuning end "
+                   "to end on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial and the sampler's seed")
-    p.add_argument("--search-space", default=None, help="YAML search space (default: DEFAULT_SEARCH_SPACE)")
-    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--search-space", default=None, help="YAML search space (none: experiments/search_space.yaml's "
+                   "space; --profile gpu: experiments/search_space_gpu.yaml)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="Optuna pruner, fed the Valid leaderboard "
+                   "every epoch")
     p.add_argument("--workers", type=int, default=1, help="worker processes started by this command")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores // workers)")
     p.add_argument("--heartbeat", type=int, default=10, help="RDB heartbeat seconds (grace period 2x)")
     p.add_argument("--out", default="runs/studies", help="run folders go to OUT/STUDY/trial_NNNN")
+    p.add_argument("--spill-dir", default=None,
+                   help="MLflow operations not sent yet are kept in SPILL_DIR/STUDY/trial_NNNN/mlflow_spill.jsonl "
+                        "while the server is unreachable (default: in the trial's run folder)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="TrainingConfig override for every trial (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -588,7 +737,7 @@ def join_study(args: argparse.Namespace, pruner: Any = None) -> tuple[dict, Trai
     """Validate the inputs and open (or create) the Optuna study: (search space, base config, study, until)."""
     import optuna
 
-    space = load_search_space(args.search_space)
+    space = load_search_space(args.search_space or PROFILE_SEARCH_SPACES.get(args.profile))
     check_tracking_uri(args.tracking_uri)
     check_storage_url(args.storage)
     if args.data and not Path(args.data).is_dir():
@@ -613,7 +762,7 @@ def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[A
     out = (Path(args.out) / args.study_name).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    data = prepare_data(base)
+    data = prepare_data(base, args.tracking_uri, args.study_name)
     fingerprint, commit = data_fingerprint(data.root), git_commit()
     tracker = parent_run(study, args, {"optuna.study": args.study_name, "optuna.storage": _safe(args.storage),
                                        "data_fingerprint": fingerprint, "git_commit": commit})
@@ -621,7 +770,8 @@ def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[A
         tracker.log_params({"trials": args.trials, "timeout": args.timeout, "pruner": args.pruner,
                             "sampler": "TPESampler(multivariate, group) + trial.set_constraint", "seed": args.seed,
                             "profile": args.profile, "workers": args.workers, "threads": args.threads,
-                            "search_space": args.search_space or "DEFAULT_SEARCH_SPACE", "data_root": str(data.root)})
+                            "search_space": args.search_space or PROFILE_SEARCH_SPACES.get(args.profile)
+                            or "DEFAULT_SEARCH_SPACE", "data_root": str(data.root)})
         tracker.log_dict(space, "search_space.json")
         from .tracking import class_distribution
 
@@ -631,7 +781,8 @@ def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[A
         study.set_user_attr("data_root", str(data.root))
         study.set_user_attr("out", str(out))
     ctx = StudyContext(args.study_name, base, space, out, args.tracking_uri, tracker.run_id, data,
-                       fingerprint, commit, quiet=args.quiet, extra_sinks=list(extra_sinks or []))
+                       fingerprint, commit, quiet=args.quiet, extra_sinks=list(extra_sinks or []),
+                       spill_dir=Path(args.spill_dir).resolve() if getattr(args, "spill_dir", None) else None)
     return study, ctx, tracker, until
 
 
@@ -654,24 +805,34 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
         raise
     hand_over(procs, tracker.run_id)
     out = ctx.out
+    if coordinator:
+        print_where_to_look(study, args, tracker.run_id)
 
     callbacks = [optuna.study.MaxTrialsCallback(until, states=(optuna.trial.TrialState.COMPLETE,
                                                                 optuna.trial.TrialState.PRUNED)),
-                 FailureBudget(max(3, args.trials))]
+                 FailureBudget(max(3, args.trials)), TrialLine(until), stop_when_requested]
     t0 = time.time()
-    stop = finished_count(study) >= until
+    stop = finished_count(study) >= until or shutdown.requested()
     if not stop:
-        study.optimize(lambda t: objective(t, ctx), n_trials=None, timeout=args.timeout, callbacks=callbacks,
-                       catch=(MVFoulsError, RuntimeError, ValueError, FloatingPointError), gc_after_trial=True)
+        try:
+            study.optimize(lambda t: objective(t, ctx), n_trials=None, timeout=args.timeout, callbacks=callbacks,
+                           catch=(MVFoulsError, RuntimeError, ValueError, FloatingPointError), gc_after_trial=True)
+        except KeyboardInterrupt:               # GracefulStop after a checkpointed epoch, or a second signal
+            stopped(study, ctx, tracker, procs, coordinator)
+            raise
     wait_closed()                                     # trial runs still sending (ended with wait=False)
     for proc in procs:
         proc.wait()
     elapsed = time.time() - t0
+    if shutdown.requested():                          # stopped between trials: nothing to hand back
+        stopped(study, ctx, tracker, [], coordinator)
+        raise shutdown.GracefulStop("stop requested between trials")
     if not coordinator:
         tracker.logger.close(30.0)
         return {"study": study, "elapsed": elapsed}
 
     saved = ranking.save_ranking(study, out, tracker)
+    saved["champion"] = register_best(study, saved, args, tracker)
     log_study_plots(study, tracker)
     tracker.log_metrics({"study/elapsed_s": elapsed, "study/finished_trials": finished_count(study)})
     tracker.end("FINISHED")
@@ -679,14 +840,54 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     return {"study": study, "elapsed": elapsed, **saved}
 
 
+def stopped(study: Any, ctx: StudyContext, tracker: RunTracker, procs: list[subprocess.Popen],
+            coordinator: bool) -> None:
+    """After a stop signal: hand the current trial back, let the runs and the started workers finish sending."""
+    number = None
+    with contextlib.suppress(Exception):      # the storage may be what is failing; the heartbeat retry remains
+        number = hand_back(study, ctx.current_trial)
+    if number is not None:
+        print(f"trial {number} handed back to the study: the next free worker resumes it from its last checkpoint",
+              file=sys.stderr, flush=True)
+    wait_closed(10.0)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(120)
+    if coordinator:
+        tracker.end("KILLED", flush_timeout=5.0)      # the parent run; a later `study` resumes it
+    else:
+        tracker.logger.close(5.0)
+
+
 def start_workers(args: argparse.Namespace, until: int) -> list[subprocess.Popen]:
-    """Worker processes 1..N-1 of ``--workers N`` (this process is worker 0, the coordinator)."""
+    """Worker processes 1..N-1 of ``--workers N`` (this process is worker 0, the coordinator). URLs that hold a
+    password reach them through the environment (MVFOULS_STORAGE, MVFOULS_TRACKING_URI), never their argv; a
+    SIGTERM to this process is passed on to them."""
     procs = []
+    env = child_env(args)
     for i in range(1, args.workers):
         cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
                "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True, env=env))
+    shutdown.forward_to(p.pid for p in procs)
     return procs
+
+
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a worker child: the storage and tracking URIs in variables when they hold a password."""
+    from .urls import password_of
+
+    env = dict(os.environ)
+    for var, url in ((STORAGE_ENV, args.storage), (TRACKING_ENV, args.tracking_uri)):
+        if password_of(url):
+            env[var] = url
+    return env
+
+
+def stop_when_requested(study: Any, trial: Any) -> None:
+    """Optuna callback: after a stop signal, start no new trial."""
+    if shutdown.requested():
+        study.stop()
 
 
 def hand_over(procs: list[subprocess.Popen], parent_run_id: str | None) -> None:
@@ -715,10 +916,15 @@ class FailureBudget:
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--trials", str(args.trials), "--study-name", args.study_name, "--storage", args.storage,
-            "--tracking-uri", args.tracking_uri, "--profile", args.profile, "--seed", str(args.seed),
-            "--pruner", args.pruner, "--heartbeat", str(args.heartbeat), "--out", args.out]
-    for flag, value in (("--timeout", args.timeout), ("--data", args.data), ("--search-space", args.search_space)):
+    from .urls import password_of
+
+    argv = ["--trials", str(args.trials), "--study-name", args.study_name, "--profile", args.profile,
+            "--seed", str(args.seed), "--pruner", args.pruner, "--heartbeat", str(args.heartbeat), "--out", args.out]
+    for flag, url in (("--storage", args.storage), ("--tracking-uri", args.tracking_uri)):
+        if not password_of(url):                  # one with a password goes through the environment (child_env)
+            argv += [flag, url]
+    for flag, value in (("--timeout", args.timeout), ("--data", args.data), ("--search-space", args.search_space),
+                        ("--spill-dir", args.spill_dir)):
         if value is not None:
             argv += [flag, str(value)]
     for item in args.set:
@@ -730,10 +936,88 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
 
 def _safe(url: str) -> str:
     """A URL without its password (for tags and printed commands)."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
+    return redact(url)
+
+
+def _mlflow_command(uri: str, study_name: str) -> str:
+    """Where the study's runs table is: the experiment's page on a server, or the `mlflow ui` command and page."""
+    from .tracking import experiment_url, make_client
+
+    try:
+        exp = make_client(uri).get_experiment_by_name(study_name)
+        exp_id = exp.experiment_id if exp is not None else None
+    except Exception:  # noqa: BLE001 - printing where to look must not fail the study
+        exp_id = None
+    if uri.startswith("http"):
+        return f"{experiment_url(_safe(uri), exp_id)}   (experiment {study_name!r})"
+    return (f"mlflow ui --backend-store-uri {_safe(uri)}, then open "
+            f"{experiment_url('http://127.0.0.1:5000', exp_id)}   (experiment {study_name!r})")
+
+
+def print_where_to_look(study: Any, args: argparse.Namespace, parent_run_id: str | None) -> None:
+    """At the start: where the trials can be watched while they run."""
+    print(f"study {study.study_name}: {finished_count(study)} finished trials so far; watch it in\n"
+          f"  MLflow:  {_mlflow_command(args.tracking_uri, study.study_name)}  parent run {parent_run_id}\n"
+          f"  Optuna:  optuna-dashboard {_safe(args.storage)}", flush=True)
+
+
+class TrialLine:
+    """Optuna callback: one line per trial this worker finishes (number, state, value, targets met on Valid, the
+    best trial so far in the ranking's order, finished of the total)."""
+
+    def __init__(self, until: int) -> None:
+        self.until = until
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        from optuna.trial import TrialState
+
+        valid = (trial.user_attrs.get("summary") or {}).get("valid")
+        passed = ranking.checks(valid)
+        value = trial.value if trial.value is not None else (
+            trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None)
+        try:
+            frame = ranking.leaderboard(study)
+            best = ranking.best_trial_number(frame)
+            best_text = (f"best trial {best} ({100 * float(frame[frame['trial'] == best].iloc[0]['valid_leaderboard']):.1f})"
+                         if best is not None else "best: none yet")
+        except Exception:  # noqa: BLE001 - the line is informative only
+            best_text = "best: ?"
+        state = trial.state.name if isinstance(trial.state, TrialState) else str(trial.state)
+        print(f"trial {trial.number} {state} | valid leaderboard {'-' if value is None else f'{value:.1f}'} | "
+              f"targets {sum(passed.values())}/{len(passed)} | {best_text} | "
+              f"{finished_count(study)}/{self.until} finished", flush=True)
+
+
+def register_best(study: Any, saved: dict[str, Any], args: argparse.Namespace, tracker: Any) -> dict[str, Any] | None:
+    """Register the best trial's model (targets met first, the ranking's order) as ``mvfouls-<study>`` in the MLflow
+    Model Registry with the alias ``champion``. A registry that cannot be reached is reported, not fatal."""
+    from .modelpack import CHAMPION_ALIAS, register_champion, registered_name
+    from .tracking import make_client
+
+    best = saved.get("best")
+    if best is None:
+        return None
+    trial = study.trials[best]
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    name = registered_name(study.study_name)
+    if not run_id:
+        return None
+    row = saved["frame"][saved["frame"]["trial"] == best].iloc[0]
+    tags = {"study": study.study_name, "trial": best, "valid_leaderboard": f"{float(row['valid_leaderboard']):.4f}",
+            "all_targets_valid": bool(row["all_targets"])}
+    official = (saved.get("test") or {}).get("summary", {}).get("official") or {}
+    if official:
+        tags["test_leaderboard"] = f"{official['leaderboard_value']:.2f}"
+    try:
+        version = register_champion(make_client(args.tracking_uri), name, run_id, tags,
+                                    description=f"best trial of study {study.study_name}")
+    except Exception as exc:  # noqa: BLE001 - a store without a registry, an unreachable server
+        print(f"model registry: could not register trial {best}'s model as {name} ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return None
+    tracker.set_tags({"champion": f"{name} v{version.version}"})
+    return {"name": name, "version": str(version.version), "uri": f"models:/{name}@{CHAMPION_ALIAS}",
+            "run_id": run_id, "trial": best}
 
 
 def print_report(study: Any, saved: dict[str, Any], args: argparse.Namespace, out: Path, elapsed: float) -> None:
@@ -741,11 +1025,14 @@ def print_report(study: Any, saved: dict[str, Any], args: argparse.Namespace, ou
     print(ranking.format_leaderboard(saved["frame"]))
     print(ranking.format_test(saved["test"]))
     print(f"leaderboard CSV: {saved['csv']}")
-    uri = args.tracking_uri
-    mlflow_cmd = (f"open {uri} (experiment {study.study_name!r})" if uri.startswith("http")
-                  else f"mlflow ui --backend-store-uri {uri}")
-    print(f"MLflow:  {mlflow_cmd}   (parent run {study.user_attrs.get('mlflow_parent_run_id')})")
+    print(f"MLflow:  {_mlflow_command(args.tracking_uri, study.study_name)}   "
+          f"(parent run {study.user_attrs.get('mlflow_parent_run_id')})")
     print(f"Optuna:  optuna-dashboard {_safe(args.storage)}")
+    champion = saved.get("champion")
+    if champion:
+        print(f"Model:   {champion['uri']} (version {champion['version']}, trial {champion['trial']}); predict with "
+              f"python -m mvfouls_ab.predict --model {champion['uri']} --tracking-uri {_safe(args.tracking_uri)} "
+              f"--data DATA --split Test --out predictions.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -756,12 +1043,17 @@ def main(argv: list[str] | None = None) -> int:
     except MVFoulsError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if shutdown.requested():
+            name = signal.Signals(shutdown.signal_received() or signal.SIGINT).name
+            print(f"stopped on {name}" + ("" if isinstance(exc, shutdown.GracefulStop) else " (at once)"),
+                  file=sys.stderr)
+            return shutdown.exit_code()
         print("interrupted", file=sys.stderr)
         return 130
     return 0
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    shutdown.install()          # SIGTERM / SIGINT: stop after the current epoch's checkpoint; twice: at once
     sys.exit(main())

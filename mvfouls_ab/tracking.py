@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -49,6 +51,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .errors import StudyError, located
+from .fsutil import atomic_write
 from .labels import ACTION_CLASSES, SEVERITY_CLASSES, TASKS
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ DEFAULT_LINGER_S = 3.0                # see RunLogger
 BARRIERS = frozenset({"create", "resume", "bind", "terminate"})
 METRIC_OPS = frozenset({"metrics", "metrics_multi"})
 SPILL_NAME = "mlflow_spill.jsonl"
+CREATE_TOKEN_TAG = "mvfouls_create_token"   # a run's creation is never repeated by a retry or a replay
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # MLflow error codes that retrying cannot fix: the operation is dropped with a warning.
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
@@ -120,18 +124,49 @@ def make_client(uri: str):
     return MlflowClient(tracking_uri=normalize_db_url(check_tracking_uri(uri)))
 
 
+# MLflow 3's UI opens an experiment on the page its kind names; without the tag it may infer a GenAI experiment and
+# open on traces. Every experiment this project creates is a custom model's (the training runs table).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client, name: str) -> str:
-    """Experiment id for ``name``; safe when several workers race to create it."""
+    """Experiment id for ``name``, tagged as custom model development; safe when several workers race to create
+    it. An existing experiment without a kind gets the tag (one that has a kind keeps it)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:   # another worker created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def experiment_url(base: str, experiment_id: str | None) -> str:
+    """The MLflow UI page of an experiment's training runs. MLflow 3's UI picks its page set from a global
+    GenAI / Model training switch (stored in the browser, GenAI by default), not from the experiment's kind tag;
+    ``workflowType=machine_learning`` in the URL selects Model training, so the page opens on the runs table."""
+    base = base.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else base
+
+
+@functools.cache
+def context_tags() -> dict[str, str]:
+    """MLflow's standard run tags for this process (``mlflow.user``, ``mlflow.source.name``/``type`` and, inside a
+    git checkout, ``mlflow.source.git.commit``/``repoURL``/``branch``), as ``mlflow.start_run`` sets them; our runs
+    are created with MlflowClient, which does not. Resolved once per process."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {k: str(v) for k, v in resolve_tags({}).items()}
+    except Exception as exc:  # noqa: BLE001 - tags are a nicety: never fail a run for them
+        log.info("MLflow context tags unavailable: %s", exc)
+        return {}
 
 
 def git_commit() -> str:
@@ -250,8 +285,28 @@ class RunLogger:
         self._done = 0               # submitted ops sent (a merged op counts its parts)
         self._flush_upto = 0         # ops up to this count are sent without lingering
         self._stop = False
+        self._spill_failed = False   # the last spill attempt raised OSError (logged once per streak)
+        self._found = self._adopt_spills()
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
         self._thread.start()
+
+    def _adopt_spills(self) -> list[Path]:
+        """Spill files another process left where this logger spills (a dead or stopped worker of the same trial):
+        renamed aside (never overwritten) and replayed by the thread before this logger's own operations."""
+        if self.spill_path is None:
+            return []
+        found = sorted(self.spill_path.parent.glob(f"{self.spill_path.stem}.found-*.jsonl"))
+        if self.spill_path.is_file():
+            aside = self.spill_path.with_name(f"{self.spill_path.stem}.found-{time.time_ns()}-{os.getpid()}.jsonl")
+            try:
+                os.replace(self.spill_path, aside)
+                found.append(aside)
+            except OSError as exc:
+                log.warning("%s: cannot set the found spill file aside (%s); it is replayed in place and this run "
+                            "spills nowhere", self.spill_path, exc)
+                found.append(self.spill_path)
+                self.spill_path = None
+        return found
 
     # -- producer side (training thread) --
     def submit(self, op: dict) -> None:
@@ -283,15 +338,20 @@ class RunLogger:
         self._inbox.put(None)
         self._thread.join(5.0)
         if not ok:
-            self._spill()
-            log.warning("MLflow unreachable: %d operations kept in %s; replay with "
-                        "`python -m mvfouls_ab.tracking replay %s --tracking-uri URI`",
-                        len(self._pending), self.spill_path, self.spill_path)
+            if self._spill():
+                log.warning("MLflow unreachable: %d operations kept in %s; replay with "
+                            "`python -m mvfouls_ab.tracking replay %s --tracking-uri URI`",
+                            len(self._pending), self.spill_path, self.spill_path)
+            else:
+                log.warning("MLflow unreachable and no spill file could be written: %d operations of run %s "
+                            "are lost", len(self._pending), self.run_id)
         return ok
 
     # -- consumer side (background thread) --
     def _work(self) -> None:
         cpu0 = time.thread_time()
+        if not self._replay_found():
+            return
         backoff = 0.25
         failing = False
         linger_until = None
@@ -335,7 +395,8 @@ class RunLogger:
                 if not self._pending and failing:
                     failing = False
                     if self.spill_path and self.spill_path.exists():
-                        self.spill_path.unlink()    # everything in it has been delivered
+                        with contextlib.suppress(OSError):
+                            self.spill_path.unlink()    # everything in it has been delivered
                 continue
             failing = True
             self._spill()
@@ -378,15 +439,54 @@ class RunLogger:
                 self._pending.append(op)
                 n += 1
 
-    def _spill(self) -> None:
-        """Atomically rewrite the spill file with the run id (when known) and every pending operation."""
+    def _replay_found(self) -> bool:
+        """Send the found spill files (see _adopt_spills) before anything else, retrying while the server is down;
+        False if the logger was closed meanwhile (the files stay for the next attempt)."""
+        backoff = 0.25
+        for path in self._found:
+            while True:
+                try:
+                    replay_spill(path, client=self.client)
+                    break
+                except Exception as exc:  # noqa: BLE001 - transient: wait for the server, like every other op
+                    self.failures += 1
+                    log.info("replaying %s: %s", path, exc)
+                    with self._cond:
+                        stop = self._stop
+                    if stop:
+                        return False
+                    if self._drain_inbox():
+                        self._spill()
+                    time.sleep(backoff)
+                    backoff = min(self.max_backoff, backoff * 2)
+        return True
+
+    def _spill(self) -> bool:
+        """Atomically rewrite the spill file with the run id (when known) and every pending operation. An OSError
+        (a full or read-only disk) is logged once per streak and the operations stay queued in memory."""
         if self.spill_path is None:
-            return
-        ops = ([{"op": "bind", "run_id": self.run_id}] if self.run_id else []) + list(self._pending)
-        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.spill_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(op) + "\n" for op in ops))
-        os.replace(tmp, self.spill_path)
+            return False
+        for _ in range(3):
+            try:
+                pending = list(self._pending)     # may race with the thread (close() after a join timeout)
+                break
+            except RuntimeError:
+                time.sleep(0.01)
+        else:
+            return False
+        ops = ([{"op": "bind", "run_id": self.run_id}] if self.run_id else []) + pending
+        try:
+            atomic_write(self.spill_path, "".join(json.dumps(op) + "\n" for op in ops))
+        except OSError as exc:
+            if not self._spill_failed:
+                log.warning("cannot write the MLflow spill file %s (%s): %d operations stay queued in memory and "
+                            "are sent when the server answers", self.spill_path, exc, len(ops))
+            self._spill_failed = True
+            return False
+        if self._spill_failed:
+            log.warning("MLflow spill file %s written again", self.spill_path)
+        self._spill_failed = False
+        return True
 
 
 class _RunRef:
@@ -410,8 +510,12 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> int:
         tags = dict(op.get("tags") or {})
         if op.get("parent"):
             tags["mlflow.parentRunId"] = op["parent"]
-        run = client.create_run(exp_id, run_name=op.get("run_name"), tags=tags)
-        state.run_id = run.info.run_id
+        token = tags.get(CREATE_TOKEN_TAG)
+        existing = _run_with_token(client, exp_id, token) if token and op.get("attempted") else None
+        if existing is None:
+            op["attempted"] = True      # a retry of this op (a timeout after the server made the run) looks first
+            existing = client.create_run(exp_id, run_name=op.get("run_name"), tags=tags).info.run_id
+        state.run_id = existing
         state.created.set()
     elif kind == "resume":      # continue an existing run (a retried trial)
         state.run_id = op["run_id"]
@@ -438,6 +542,14 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> int:
         if not Path(op["path"]).exists():
             return 0
         client.log_artifact(state.run_id, op["path"], op.get("artifact_path"))
+    elif kind == "table":
+        client.log_table(state.run_id, op["data"], op["file"])
+        return 3                                  # the file, a run read, the loggedArtifacts tag
+    elif kind == "model":
+        if not Path(op["dir"]).is_dir():
+            return 0
+        return log_model_dir(client, state.run_id, op["dir"], op.get("name", "model"), int(op.get("step", 0)),
+                             op.get("tags"))
     elif kind == "terminate":
         client.set_terminated(state.run_id, status=op["status"])
     else:
@@ -445,15 +557,73 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> int:
     return 0 if kind == "bind" else 1
 
 
-def replay_spill(path: Path | str, tracking_uri: str) -> int:
-    """Send the operations of a spill file left by a run whose server was down at the end. Returns the count."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def log_model_dir(client, run_id: str, model_dir: str, name: str = "model", step: int = 0,
+                  tags: Mapping[str, str] | None = None) -> int:
+    """Upload a saved MLflow model folder as a LoggedModel of the run (create, upload, READY, link as the run's
+    output), the MLflow 3 equivalent of ``mlflow.pyfunc.log_model`` without the fluent API's active run and without
+    its per-metric history copy. Returns the requests made."""
+    from mlflow.entities import LoggedModelOutput
+
+    run = client.get_run(run_id)
+    for m in (getattr(run.outputs, "model_outputs", None) or []):    # a replayed op: logged already
+        if client.get_logged_model(m.model_id).name == name:
+            return 1
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                       tags=dict(tags or {}), model_type="mvfouls-multiview")
+    client.log_model_artifacts(model.model_id, model_dir)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    client.set_tag(run_id, "mlflow_model_id", model.model_id)
+    return 6
+
+
+def _run_with_token(client, experiment_id: str, token: str) -> str | None:
+    """The run a create op with this token made already (None if none): creates are not repeated."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.{CREATE_TOKEN_TAG} = '{token}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def read_spill(path: Path | str) -> list[dict]:
+    """The operations of a spill file; a last line cut short (a writer killed mid-write) is left out."""
+    ops = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                ops.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: unreadable line left out", path)
+    return ops
+
+
+def replay_spill(path: Path | str, tracking_uri: str | None = None, client=None, checkpoint_every: int = 20) -> int:
+    """Send the operations of a spill file (left by a run whose server was down, or by a dead worker), then delete
+    it. Returns the operations sent.
+
+    Idempotent: the file is rewritten as it goes (what is left, behind a ``bind`` to the run once it is known), so
+    a replay that is interrupted and started again repeats at most ``checkpoint_every`` operations, and MLflow keeps
+    one copy of a metric, param, tag or artifact sent twice; a run is created once (a create op carries a token
+    tag, and a create whose run exists already binds to it). A transient error raises (the file keeps what is
+    left); an operation MLflow refuses for good is dropped with a warning, as the live logger does."""
+    path = Path(path)
+    ops = read_spill(path)
     state = _RunRef()
-    client = make_client(tracking_uri)
-    for op in lines:
-        execute(client, op, state)
-    Path(path).unlink()
-    return len(lines)
+    client = client or make_client(tracking_uri or DEFAULT_TRACKING_URI)
+    for i, op in enumerate(ops):
+        if op["op"] == "create":
+            op = {**op, "attempted": True}          # look for the run a previous replay may have made
+        try:
+            execute(client, op, state)
+        except Exception as exc:
+            if _is_transient(exc):
+                raise
+            log.warning("replay of %s dropped %s: %s", path, op.get("op"), exc)
+        done = i + 1
+        if done < len(ops) and (op["op"] in BARRIERS or done % checkpoint_every == 0):
+            rest = ([{"op": "bind", "run_id": state.run_id}] if state.run_id else []) + [
+                o for o in ops[done:] if o["op"] != "bind" or not state.run_id]
+            atomic_write(path, "".join(json.dumps(o) + "\n" for o in rest))
+    path.unlink(missing_ok=True)
+    return len(ops)
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
@@ -462,18 +632,20 @@ class RunTracker:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None,
                  parent_run_id: str | None = None, run_dir: Path | str | None = None,
-                 resume_run_id: str | None = None, client=None, linger_s: float = DEFAULT_LINGER_S) -> None:
+                 resume_run_id: str | None = None, client=None, linger_s: float = DEFAULT_LINGER_S,
+                 spill_path: Path | str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.client = client or make_client(tracking_uri)
-        spill = Path(run_dir) / SPILL_NAME if run_dir else None
+        spill = Path(spill_path) if spill_path else (Path(run_dir) / SPILL_NAME if run_dir else None)
         self.logger = RunLogger(self.client, spill, linger_s=linger_s)
         if resume_run_id:       # the id is known at once; the RUNNING status is sent in order with the rest
             self.logger.run_id = resume_run_id
             self.logger.created.set()
             self.logger.submit({"op": "resume", "run_id": resume_run_id})
         else:
+            tags = {**context_tags(), **(tags or {}), CREATE_TOKEN_TAG: uuid.uuid4().hex}
             self.logger.submit({"op": "create", "experiment": experiment, "run_name": run_name,
-                                "tags": {k: str(v) for k, v in (tags or {}).items()}, "parent": parent_run_id})
+                                "tags": {k: str(v) for k, v in tags.items()}, "parent": parent_run_id})
         self.ended = False
 
     @property
@@ -509,6 +681,20 @@ class RunTracker:
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.logger.submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        """Columns of equal length as an MLflow table artifact (``MlflowClient.log_table``: the UI lists and shows
+        it as a table). Log a table once: a second call with the same file appends to it."""
+        self.logger.submit({"op": "table", "file": artifact_file,
+                            "data": json.loads(json.dumps(dict(data), default=_plain))})
+
+    def log_model(self, model_dir: Path | str, name: str = "model", step: int = 0,
+                  tags: Mapping[str, Any] | None = None) -> None:
+        """A saved MLflow model folder (``mlflow.pyfunc.save_model``) as the run's logged model ``name`` (an
+        MLflow 3 LoggedModel linked to the run as an output at ``step``: ``models:/<model_id>``, and the run
+        page's model list)."""
+        self.logger.submit({"op": "model", "dir": str(Path(model_dir).resolve()), "name": name, "step": int(step),
+                            "tags": {k: str(v) for k, v in (tags or {}).items()}})
 
     def flush(self, timeout: float = 60.0) -> bool:
         return self.logger.flush(timeout)
@@ -651,7 +837,35 @@ def class_distribution_figure(dist: Mapping[str, Mapping[str, list[int]]]):
     return fig
 
 
+def confusion_epochs_figure(epochs: Mapping[str, Any]):
+    """The confusion matrices of every epoch in one figure, an epoch slider below (rows = true class)."""
+    steps = sorted(epochs, key=int)
+    if not steps:
+        return go.Figure()
+    tasks = list(epochs[steps[0]][1])
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, horizontal_spacing=0.15)
+    for n, step in enumerate(steps):
+        for col, task in enumerate(tasks, start=1):
+            cm = np.asarray(epochs[step][1][task])
+            names = _class_names(task, cm.shape[0])
+            fig.add_trace(go.Heatmap(z=cm, x=names, y=names, text=cm, texttemplate="%{text}", colorscale="Blues",
+                                     showscale=False, visible=n == len(steps) - 1), row=1, col=col)
+    for col in range(1, len(tasks) + 1):
+        fig.update_yaxes(autorange="reversed", title_text="true", row=1, col=col)
+        fig.update_xaxes(title_text="predicted", row=1, col=col)
+    k = len(tasks)
+    slider = [{"label": f"{int(step) + 1} ({epochs[step][0]})", "method": "update",
+               "args": [{"visible": [i // k == n for i in range(k * len(steps))]},
+                        {"title": f"Confusion matrices, epoch {int(step) + 1} ({epochs[step][0]})"}]}
+              for n, step in enumerate(steps)]
+    fig.update_layout(title=f"Confusion matrices, epoch {int(steps[-1]) + 1} ({epochs[steps[-1]][0]})",
+                      width=520 * k, height=600,
+                      sliders=[{"active": len(steps) - 1, "currentvalue": {"prefix": "epoch "}, "steps": slider}])
+    return fig
+
+
 FIGURES = {"confusion": lambda matrices, title: confusion_figure(matrices, title),
+           "confusion_epochs": lambda epochs: confusion_epochs_figure(epochs),
            "learning_curves": lambda history, title="Learning curves": learning_curves_figure(history, title),
            "class_distribution": lambda dist: class_distribution_figure(dist)}
 
@@ -670,20 +884,22 @@ class MLflowSink:
     def __init__(self, tracker: RunTracker) -> None:
         self.tracker = tracker
         self.history: list[dict[str, float]] = []
+        self.confusion: dict[int, tuple[str, dict[str, list]]] = {}   # step -> (phase, task -> matrix)
         self.last = None
         self.log_s = 0.0          # time the training thread spent inside log()/close()
 
     def log(self, record) -> None:
         t0 = time.perf_counter()
-        metrics = record.to_mlflow()
+        metrics = run_metrics(record.to_mlflow())
         step = int(record.step)   # global epoch index (record.epoch restarts at 0 in every phase)
         if self.last is not None and str(self.last.phase) != str(record.phase):
             self._phase_end(self.last)
         self.tracker.log_metrics(metrics, step=step)
         cms = getattr(record, "confusion_matrices", None) or {}
         if cms:
-            self.tracker.log_dict({k: np.asarray(v).tolist() for k, v in cms.items()},
-                                  f"confusion/epoch_{step:03d}.json")
+            matrices = {k: np.asarray(v).tolist() for k, v in cms.items()}
+            self.tracker.log_dict(matrices, f"confusion/epoch_{step:03d}.json")
+            self.confusion[step] = (str(record.phase), matrices)
         self.history.append({**metrics, "_step": step})
         self.last = record
         self.log_s += time.perf_counter() - t0
@@ -701,9 +917,11 @@ class MLflowSink:
             have = set()
         missing = [r for r in records if int(r.step) not in have]
         for rec in missing:
-            self.tracker.log_metrics(rec.to_mlflow(), step=int(rec.step))
+            self.tracker.log_metrics(run_metrics(rec.to_mlflow()), step=int(rec.step))
         if records:
-            self.history = [{**r.to_mlflow(), "_step": int(r.step)} for r in records]
+            self.history = [{**run_metrics(r.to_mlflow()), "_step": int(r.step)} for r in records]
+            self.confusion = {int(r.step): (str(r.phase), {k: np.asarray(v).tolist() for k, v in cms.items()})
+                              for r in records if (cms := getattr(r, "confusion_matrices", None) or {})}
             self.last = records[-1]
         return len(missing)
 
@@ -721,7 +939,7 @@ class MLflowSink:
         best = getattr(result, "best", None)
         if best is not None:
             step = int(best.step)
-            self.tracker.log_metrics({f"best/{k}": v for k, v in best.to_mlflow().items()}, step=step)
+            self.tracker.log_metrics({f"best/{k}": v for k, v in run_metrics(best.to_mlflow()).items()}, step=step)
             self.tracker.set_tags({"best_epoch": step + 1, "best_phase": best.phase})
             cms = getattr(best, "confusion_matrices", None) or {}
             if cms:
@@ -742,8 +960,39 @@ class MLflowSink:
         if self.last is not None:
             self._phase_end(self.last)
             self.last = None
+        if self.confusion:
+            self.tracker.log_table(confusion_table(self.confusion), "confusion/confusion_matrices.json")
+            self.tracker.log_plot("confusion_epochs", "confusion/per_epoch.html",
+                                  epochs={str(k): v for k, v in sorted(self.confusion.items())})
+            self.confusion = {}
         self.tracker.flush(timeout=0.0)   # non-blocking: the run is ended (and fully flushed) by tracker.end
         self.log_s += time.perf_counter() - t0
+
+
+# Per-epoch values that are not compared as curves: the confusion matrix cells (80 series per epoch), the class
+# supports (constant) and the predicted counts (the matrix's column sums). They go into one table per run
+# (confusion/confusion_matrices.json) and a figure with an epoch slider (confusion/per_epoch.html) instead.
+_TABLE_ONLY = ("/confusion/", "/support/", "/predicted/")
+
+
+def run_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics a run logs as series: DetailedMetrics.to_mlflow() without the table-only keys."""
+    return {k: v for k, v in metrics.items() if not any(part in k for part in _TABLE_ONLY)}
+
+
+def confusion_table(confusion: Mapping[int, tuple[str, Mapping[str, list]]]) -> dict[str, list]:
+    """Long format of every epoch's confusion matrices: one row per (epoch, task, true class, predicted class)."""
+    cols: dict[str, list] = {"epoch": [], "phase": [], "task": [], "true_class": [], "predicted_class": [],
+                             "count": []}
+    for step, (phase, matrices) in sorted(confusion.items()):
+        for task, cm in matrices.items():
+            cm = np.asarray(cm)
+            names = _class_names(task, cm.shape[0])
+            for i, true_name in enumerate(names):
+                for j, pred_name in enumerate(names):
+                    for col, value in zip(cols, (step + 1, phase, task, true_name, pred_name, int(cm[i, j]))):
+                        cols[col].append(value)
+    return cols
 
 
 def _slug(value: Any) -> str:

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 EXPERIMENT = """
 description: tiny two-arm experiment for the tests
 base: {num_frames: 4, frame_size: 32, phase1_epochs: 1, phase2_epochs: 1, phase3_epochs: 0, batch_size: 4,
-       device: cpu, threads: 1}
+       device: cpu, threads: 1, backbone: small3d, feature_mode: frozen}
 arms:
   plain: {variant: simplified}
   dual: {variant: baseline, description: today's dual attention}

@@ -1,25 +1,33 @@
 """Frozen-backbone feature cache: computed once per (backbone, weights, data, window), then read from disk."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Self
 
 import numpy as np
 import pytest
 import torch
+from torchvision.models import video as tv_video
 
-from mvfouls_ab.config import TrainingConfig
+from mvfouls_ab.config import PROFILES, TrainingConfig
 from mvfouls_ab.data.annotations import load_split
 from mvfouls_ab.data.dataset import ClipCache, MultiViewDataset
-from mvfouls_ab.data.video import ClipWindow
-from mvfouls_ab.models.backbones import Small3D, build_backbone
-from mvfouls_ab.models.features import feature_path, load_features
+from mvfouls_ab.data.video import ClipWindow, decode_clip
+from mvfouls_ab.models.backbones import Small3D, TorchvisionBackbone, build_backbone, normalize_clips
+from mvfouls_ab.models.features import feature_key, feature_path, load_features
 from mvfouls_ab.models.variants import build_model
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
+
+
+def small3d_cfg(cache_dir: Path, **changes) -> TrainingConfig:
+    """A frozen seeded small3d on tiny square clips (the legacy squash resize)."""
+    return TrainingConfig(cache_dir=str(cache_dir), backbone="small3d", feature_mode="frozen", num_frames=4,
+                          frame_size=32, frame_width=0, resize="squash", device="cpu", **changes)
 
 
 class ForwardCounter:
@@ -40,7 +48,7 @@ class ForwardCounter:
 
 
 def test_features_are_computed_once_then_read(tiny_mvfouls: Path, tmp_path: Path) -> None:
-    cfg = TrainingConfig(cache_dir=str(tmp_path), num_frames=4, frame_size=32, device="cpu")
+    cfg = small3d_cfg(tmp_path)
     split = load_split(tiny_mvfouls, "Train")
     cache = ClipCache(tmp_path)
     with ForwardCounter(Small3D) as first:
@@ -70,7 +78,7 @@ def test_features_are_computed_once_then_read(tiny_mvfouls: Path, tmp_path: Path
 
 
 def test_key_follows_window_weights_and_data(tiny_mvfouls: Path, tmp_path: Path) -> None:
-    cfg = TrainingConfig(cache_dir=str(tmp_path), num_frames=4, frame_size=32, device="cpu")
+    cfg = small3d_cfg(tmp_path)
     cache = ClipCache(tmp_path)
     valid = load_split(tiny_mvfouls, "Valid")
     base = load_features(cfg, valid, cache, progress=False)
@@ -93,3 +101,49 @@ def test_key_follows_window_weights_and_data(tiny_mvfouls: Path, tmp_path: Path)
     arrays["action_ids"] = arrays["action_ids"][::-1]
     np.savez(path, **arrays)
     assert load_features(cfg, valid, cache, progress=False).computed
+
+
+def test_key_follows_resize_and_default_weights(tiny_mvfouls: Path, tmp_path: Path) -> None:
+    valid = load_split(tiny_mvfouls, "Valid")
+    cfg = small3d_cfg(tmp_path)
+    keys = {feature_key(cfg.replace(**change), valid)[0]
+            for change in ({}, {"resize": "crop"}, {"frame_width": 56}, {"frame_width": 56, "resize": "crop"})}
+    assert len(keys) == 4
+    # DEFAULT is keyed by the torchvision weights it names (no download needed to compute the key)
+    _, parts = feature_key(cfg.replace(backbone="r2plus1d_18", weights="DEFAULT"), valid)
+    assert parts["weights"] == "DEFAULT:R2Plus1D_18_Weights.KINETICS400_V1"
+
+
+@pytest.fixture(scope="module")
+def r2plus1d_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dict of a randomly initialised torchvision r2plus1d_18 (classifier included), as a local file."""
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("weights") / "r2plus1d_18.pth"
+    torch.save(tv_video.r2plus1d_18(weights=None).state_dict(), path)
+    return path
+
+
+def test_pretrained_features_from_a_weights_file(tiny_mvfouls: Path, tmp_path: Path, r2plus1d_weights: Path) -> None:
+    """The pretrained profile's extraction: r2plus1d_18 from a local file, aspect-preserving crop, cached once."""
+    cfg = TrainingConfig().replace(**PROFILES["pretrained"]).replace(
+        cache_dir=str(tmp_path), weights=str(r2plus1d_weights), num_frames=4, frame_size=32)
+    assert (cfg.backbone, cfg.feature_mode, cfg.resize, cfg.device) == ("r2plus1d_18", "frozen", "crop", "cpu")
+    split = load_split(tiny_mvfouls, "Valid")
+    cache = ClipCache(tmp_path)
+    with ForwardCounter(TorchvisionBackbone) as first:
+        fs = load_features(cfg, split, cache, progress=False)
+    assert first.calls >= 1 and fs.computed and fs.feats.shape == (len(split.actions), 4, 512)
+    with ForwardCounter(TorchvisionBackbone) as second:
+        again = load_features(cfg, split, ClipCache(tmp_path), progress=False)
+    assert second.calls == 0 and not again.computed and torch.equal(again.feats, fs.feats)
+    # the cached rows are the file's network on the centre crop of each clip (64x36 frames -> 57x32 -> 32x32)
+    window = ClipWindow.from_config(cfg)
+    assert window.shape == (3, 4, 32, 32) and window.resize == "crop"
+    clip = split.actions[1].clips[0]
+    squashed = decode_clip(clip.path, dataclasses.replace(window, resize="squash"))
+    cropped = decode_clip(clip.path, window)
+    assert not np.array_equal(squashed, cropped)
+    backbone, _ = build_backbone("r2plus1d_18", str(r2plus1d_weights))
+    with torch.inference_mode():
+        direct = backbone.eval()(normalize_clips(torch.from_numpy(cropped)[None]))[0]
+    assert torch.allclose(direct, fs.feats[1, 0], rtol=1e-4, atol=1e-4 * float(direct.abs().max()))

@@ -15,7 +15,12 @@ from torchvision.models import video as tv_video
 from mvfouls_ab.config import TrainingConfig
 from mvfouls_ab.errors import ConfigError
 from mvfouls_ab.models.aggregation import AGGREGATIONS, build_aggregation
-from mvfouls_ab.models.backbones import build_backbone, normalize_clips
+from mvfouls_ab.models.backbones import (
+    TORCHVISION_BACKBONES,
+    build_backbone,
+    check_input_size,
+    normalize_clips,
+)
 from mvfouls_ab.models.variants import (
     VARIANT_REGISTRY,
     build_model,
@@ -144,7 +149,7 @@ def test_local_weight_file_with_classifier(tmp_path) -> None:
     again, _ = build_backbone("small3d", str(tmp_path / "small.pth"))
     assert torch.equal(again.stem.weight, small.stem.weight)
     # the backbone of a whole MVFoulsModel checkpoint (e.g. fine-tuned end to end)
-    model = build_model(tiny_cfg(feature_mode="end_to_end"))
+    model = build_model(tiny_cfg(feature_mode="end_to_end", backbone="small3d"))
     model.backbone.conv3.weight.data.mul_(3.0)
     torch.save({"model": model.state_dict()}, tmp_path / "model.pth")
     again, _ = build_backbone("small3d", str(tmp_path / "model.pth"))
@@ -173,6 +178,111 @@ def test_default_weights_offline_say_to_pass_a_local_file(tmp_path, monkeypatch)
     monkeypatch.delenv("NO_PROXY", raising=False)
     with pytest.raises(ConfigError, match="local file"):
         build_backbone("mc3_18", "DEFAULT")
+
+
+# ---- weights files for every torchvision backbone ----------------------------------------------------------------
+# Clip size (T, H, W) each backbone is checked with: the smallest legal one (mvit_v2_s only takes 16 x 224 x 224).
+CHECK_INPUT = {**{name: shape for name, (shape, _) in TORCHVISION.items()}, "mvit_v2_s": (16, 224, 224)}
+
+
+def random_torchvision(name: str, seed: int = 11) -> nn.Module:
+    """A full torchvision network (classifier included), randomly initialised with another seed than ours."""
+    torch.manual_seed(seed)
+    return getattr(tv_video, name)(weights=None)
+
+
+def reference_features(full: nn.Module, name: str, clips: torch.Tensor) -> torch.Tensor:
+    """What the file's network gives without its classifier, for uint8 clips normalized the way torchvision's own
+    DEFAULT weights transform says (mean/std of `weights.transforms()`, no download)."""
+    from torchvision.models import get_model_weights
+
+    transform = get_model_weights(name).DEFAULT.transforms()
+    mean = torch.tensor(transform.mean).view(3, 1, 1, 1)
+    std = torch.tensor(transform.std).view(3, 1, 1, 1)
+    attr = TORCHVISION_BACKBONES[name][1]
+    setattr(full, attr, nn.Identity())
+    if name == "s3d":
+        full.avgpool = nn.AdaptiveAvgPool3d(1)
+    with torch.inference_mode():
+        return full.eval()((clips.float() / 255 - mean) / std).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory) -> dict[str, str]:
+    """State dicts of two other architectures (to load into the wrong backbone)."""
+    root = tmp_path_factory.mktemp("other_weights")
+    files = {}
+    for name in ("s3d", "mc3_18"):
+        files[name] = str(root / f"{name}.pth")
+        torch.save(random_torchvision(name, seed=3).state_dict(), files[name])
+    return files
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_BACKBONES))
+def test_weights_file_loads_into_each_torchvision_backbone(name: str, tmp_path, other_weights) -> None:
+    full = random_torchvision(name)
+    path = tmp_path / f"{name}.pth"
+    torch.save(full.state_dict(), path)            # what torch.save(model.state_dict()) of a torchvision net holds
+    random, _ = build_backbone(name, "none")
+    loaded, dim = build_backbone(name, str(path))
+    attr = TORCHVISION_BACKBONES[name][1]
+    expected = {k: v for k, v in full.state_dict().items() if not k.startswith(f"{attr}.")}
+    state = loaded.net.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    assert not all(torch.equal(state[k], v) for k, v in random.net.state_dict().items())
+    g = torch.Generator().manual_seed(0)
+    if name == "mvit_v2_s":   # a full forward takes ~5 s on one thread (test_mvit_weights_file_forward): the stem
+        x = normalize_clips(torch.randint(0, 256, (1, 3, *CHECK_INPUT[name]), generator=g, dtype=torch.uint8))
+        with torch.inference_mode():
+            a, b = loaded.net.conv_proj(x), random.net.conv_proj(x)
+        assert not torch.allclose(a, b, atol=1e-3)
+    else:
+        clips = torch.randint(0, 256, (2, 3, *CHECK_INPUT[name]), generator=g, dtype=torch.uint8)
+        with torch.inference_mode():
+            out, before = loaded.eval()(normalize_clips(clips)), random.eval()(normalize_clips(clips))
+        assert out.shape == (2, dim)
+        scale = float(out.abs().max())                             # s3d's random-init features are ~1e-6
+        assert float((out - before).abs().max()) > 0.1 * scale     # the file's weights changed the output
+        assert float((out - reference_features(full, name, clips)).abs().max()) <= 1e-4 * scale
+    # the wrong architecture's file, and a truncated copy of the right one: one clear ConfigError each
+    wrong = other_weights["mc3_18" if name == "s3d" else "s3d"]
+    with pytest.raises(ConfigError, match=rf"{wrong}.*do not match the backbone.*same architecture"):
+        build_backbone(name, wrong)
+    if name == "r3d_18":   # same key names, other kernel shapes
+        with pytest.raises(ConfigError, match="shape mismatches"):
+            build_backbone(name, other_weights["mc3_18"])
+    cut = tmp_path / "cut.pth"
+    with open(path, "rb") as whole:
+        cut.write_bytes(whole.read(1 << 20))                       # an interrupted download
+    with pytest.raises(ConfigError, match="cut.pth.*cannot read weights file"):
+        build_backbone(name, str(cut))
+
+
+@pytest.mark.slow
+def test_mvit_weights_file_forward(tmp_path) -> None:
+    """mvit_v2_s from a weights file gives the file's network's features, with mvit's own normalization
+    (mean 0.45, std 0.225, not the other backbones' Kinetics statistics) applied to normalize_clips' output."""
+    full = random_torchvision("mvit_v2_s")
+    torch.save(full.state_dict(), tmp_path / "mvit.pth")
+    loaded, dim = build_backbone("mvit_v2_s", str(tmp_path / "mvit.pth"))
+    clips = torch.randint(0, 256, (1, 3, 16, 224, 224), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    with torch.inference_mode():
+        out = loaded.eval()(normalize_clips(clips))
+    assert out.shape == (1, dim) == (1, 768)
+    scale = float(out.abs().max())
+    assert float((out - reference_features(full, "mvit_v2_s", clips)).abs().max()) <= 1e-4 * scale
+
+
+def test_torchvision_input_checks_use_height_and_width() -> None:
+    with pytest.raises(ConfigError, match="frame_width=0 or 224"):
+        build_backbone("mvit_v2_s", "none", num_frames=16, frame_size=224, frame_width=200)
+    check_input_size("mvit_v2_s", 16, 224, 0)     # 0: square
+    check_input_size("mvit_v2_s", 16, 224, 224)
+    module, d = build_backbone("r2plus1d_18", "none", num_frames=4, frame_size=32, frame_width=56)
+    with torch.inference_mode():
+        assert module.eval()(torch.randn(1, 3, 4, 32, 56)).shape == (1, d)   # any aspect ratio
 
 
 # ---- aggregation -------------------------------------------------------------------------------------------------

@@ -2,17 +2,27 @@
 """The docker-compose stack, natively: PostgreSQL databases, `mlflow server`, `optuna-dashboard` and N study workers.
 
     python tracking/stack.py up --workers 2 [--pg-url postgresql://postgres@127.0.0.1:5432/postgres] [--dir DIR]
+        [--host ADDR] [--allowed-hosts NAME,NAME:PORT,...] [--auth auto|on|off]
     python tracking/stack.py status [--dir DIR]
     python tracking/stack.py down [--dir DIR] [--drop-databases]
 
 `up` creates the MLflow and Optuna databases on the PostgreSQL server named by --pg-url (it does not start
-PostgreSQL itself), creates the Optuna schema once (so the dashboard and the workers do not race to create it),
-starts `mlflow server` (PostgreSQL backend store, artifacts served from DIR/mlartifacts), `optuna-dashboard` on the
-Optuna database and N workers (`python -m mvfouls_ab.study --until TRIALS`), each in its own process group with its
-log in DIR/logs/, waits until MLflow's /health and the dashboard's /api/meta answer, and records everything in
-DIR/state.json. The first worker starts alone; the others start once it has created the study and its MLflow parent
-run (so they join that run and reuse its data/feature caches instead of racing to build them). `down` stops exactly the process groups recorded there (checking each PID still is the process it
-started), `status` reports them. `--workers-only` starts workers against stores that run elsewhere (another machine).
+PostgreSQL itself), each owned by a role of its own name that can connect to that database only (its password, like
+the admin's, goes into DIR/pgpass, mode 0600, read by the services through PGPASSFILE: no password is ever on a
+command line), creates the Optuna schema once (so the dashboard and the workers do not race to create it), starts
+`mlflow server` (PostgreSQL backend store, artifacts served from DIR/mlartifacts), the Optuna dashboard on the Optuna
+database (tracking/dashboard.py: optuna-dashboard behind a Host check, always on 127.0.0.1) and N workers
+(`python -m mvfouls_ab.study --until TRIALS`), each in its own process group with its log in DIR/logs/, waits until
+MLflow's /health and the dashboard's /api/meta answer, and records everything in DIR/state.json (mode 0600). The
+first worker starts alone; the others start once it has created the study and its MLflow parent run (so they join
+that run and reuse its data/feature caches instead of racing to build them). `down` stops exactly the process groups
+recorded there (checking each PID still is the process it started), `status` reports them. `--workers-only` starts
+workers against stores that run elsewhere (another machine).
+
+Other machines: `--host ADDR` publishes MLflow on ADDR; MLflow accepts the Host headers of loopback, ADDR and
+`--allowed-hosts` (also read from $MLFLOW_ALLOWED_HOSTS). `--auth auto` (the default) turns on MLflow's basic-auth app
+(`--app-name basic-auth`) whenever ADDR is not a loopback address: user admin, password $MLFLOW_ADMIN_PASSWORD (or
+one generated into DIR/mlflow_admin_password); the workers get it in MLFLOW_TRACKING_USERNAME/PASSWORD.
 
 The command lines are built by the functions below; tests/test_compose.py checks that docker-compose.yml runs the
 same ones (same program, same flags, same values up to host names and paths).
@@ -20,8 +30,10 @@ same ones (same program, same flags, same values up to host names and paths).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -31,7 +43,10 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from mvfouls_ab.fsutil import atomic_write
+from mvfouls_ab.urls import pgpass_line, redact, redact_text, without_password
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_DIR = Path(".stack")
@@ -40,27 +55,41 @@ OPTUNA_DB = "optuna"
 STUDY_NAME = "mvfouls"
 # Host headers MLflow accepts: the compose service name (containers) and loopback (the browser).
 ALLOWED_HOSTS = "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+DASHBOARD_ALLOWED_HOSTS = "localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+DASHBOARD_SCRIPT = str(Path(__file__).resolve().parent / "dashboard.py")
 # Environment of the mlflow server: its job runner (GenAI judge jobs: 7 extra processes) is of no use here.
 MLFLOW_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+AUTH_APP = "basic-auth"
+ADMIN_USER = "admin"
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{db}
+admin_username = {user}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
 HEALTH_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 
 
 # ---- the command lines (shared with docker-compose.yml, checked by tests/test_compose.py) ----------------------
 def mlflow_server_command(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1",
-                          port: int = 5000, allowed_hosts: str = ALLOWED_HOSTS, workers: int = 1) -> list[str]:
-    """`mlflow server` with a database backend store and artifacts served (proxied) by the server itself."""
-    return ["mlflow", "server",
-            "--backend-store-uri", backend_store_uri,
-            "--serve-artifacts", "--artifacts-destination", artifacts_destination,
-            "--host", host, "--port", str(port),
-            "--allowed-hosts", allowed_hosts,
-            "--workers", str(workers)]
+                          port: int = 5000, allowed_hosts: str = ALLOWED_HOSTS, workers: int = 1,
+                          app_name: str | None = None) -> list[str]:
+    """`mlflow server` with a database backend store and artifacts served (proxied) by the server itself;
+    app_name="basic-auth": every request but /health needs a user and password."""
+    cmd = ["mlflow", "server",
+           "--backend-store-uri", backend_store_uri,
+           "--serve-artifacts", "--artifacts-destination", artifacts_destination,
+           "--host", host, "--port", str(port),
+           "--allowed-hosts", allowed_hosts,
+           "--workers", str(workers)]
+    return cmd + (["--app-name", app_name] if app_name else [])
 
 
-def dashboard_command(storage: str, host: str = "127.0.0.1", port: int = 8080) -> list[str]:
-    """`optuna-dashboard` with the storage URL as its positional argument."""
-    return ["optuna-dashboard", storage, "--host", host, "--port", str(port)]
+def dashboard_command(storage: str, host: str = "127.0.0.1", port: int = 8080,
+                      allowed_hosts: str = DASHBOARD_ALLOWED_HOSTS, script: str = DASHBOARD_SCRIPT) -> list[str]:
+    """optuna-dashboard behind a Host check (tracking/dashboard.py), the storage URL as its positional argument."""
+    return ["python", script, storage, "--host", host, "--port", str(port), "--allowed-hosts", allowed_hosts]
 
 
 def worker_command(storage: str, tracking_uri: str, study_name: str = STUDY_NAME, trials: int = 50,
@@ -68,7 +97,9 @@ def worker_command(storage: str, tracking_uri: str, study_name: str = STUDY_NAME
                    extra: Sequence[str] = ()) -> list[str]:
     """One study worker. Every worker started with the same study name and storage joins the same study; each stops
     once the study has `trials` finished trials in total (--until), so a worker that joins late or restarts after a
-    crash does not add trials of its own."""
+    crash does not add trials of its own. `storage` carries no password (PGPASSFILE / PGPASSWORD do)."""
+    if without_password(storage)[1] is not None or without_password(tracking_uri)[1] is not None:
+        raise ValueError("a password must not go on a worker's command line: use a .pgpass file or the environment")
     cmd = ["python", "-m", "mvfouls_ab.study",
            "--study-name", study_name, "--storage", storage, "--tracking-uri", tracking_uri,
            "--until", str(trials), "--profile", profile]
@@ -81,72 +112,151 @@ def worker_command(storage: str, tracking_uri: str, study_name: str = STUDY_NAME
     return cmd + list(extra)
 
 
-def database_url(server_url: str, database: str) -> str:
-    """The SQLAlchemy URL of `database` on the server of `server_url` (same user, password, host and port).
-
-    The driver is named (postgresql+psycopg2): SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3.
-    """
+def database_url(server_url: str, database: str, user: str | None = None, password: str | None = None) -> str:
+    """The SQLAlchemy URL of `database` on the server of `server_url` (same host and port; the same user and
+    password unless given). The driver is named (postgresql+psycopg2): SQLAlchemy 2.1 maps a bare postgresql:// to
+    psycopg 3."""
     parts = urlsplit(server_url)
-    return urlunsplit(("postgresql+psycopg2", parts.netloc, "/" + database, parts.query, ""))
+    netloc = parts.netloc
+    if user is not None:
+        hostport = netloc.rpartition("@")[2]
+        netloc = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "") + "@" + hostport
+    return urlunsplit(("postgresql+psycopg2", netloc, "/" + database, parts.query, ""))
 
 
-def redact(url: str) -> str:
-    """The URL with its password (if any) replaced by ***, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str = "127.0.0.1", extra: str | Iterable[str] | None = None) -> str:
+    """The Host headers MLflow accepts: loopback and the compose name, the published address `host` (a remote
+    worker's URL names it), this machine's name when it binds every interface, and `extra`."""
+    names = ALLOWED_HOSTS.split(",")
+    bound = [] if host in ("127.0.0.1", "localhost") else ([socket.gethostname(), socket.getfqdn()]
+                                                             if host in ("0.0.0.0", "::", "") else [host])
+    for name in bound:
+        names += [name, f"{name}:*"]
+    if extra:
+        names += [h.strip() for h in (extra.split(",") if isinstance(extra, str) else extra) if h.strip()]
+    return ",".join(dict.fromkeys(names))
 
 
 # ---- PostgreSQL ---------------------------------------------------------------------------------------------
-def _admin_connection(pg_url: str):
+def _admin_connection(pg_url: str, passfile: str | Path | None = None):
     import psycopg2
 
+    plain, password = without_password(pg_url)
+    kwargs: dict[str, Any] = {"connect_timeout": 10}
+    if password is not None:
+        kwargs["password"] = password
+    elif passfile and Path(passfile).is_file():
+        kwargs["passfile"] = str(passfile)
     try:
-        conn = psycopg2.connect(pg_url, connect_timeout=10)
+        conn = psycopg2.connect(plain.replace("postgresql+psycopg2://", "postgresql://"), **kwargs)
     except psycopg2.OperationalError as exc:
-        raise SystemExit(f"{redact(pg_url)}: cannot connect to PostgreSQL ({str(exc).strip()}). Fix: start "
-                         "PostgreSQL or pass --pg-url postgresql://USER[:PASSWORD]@HOST:PORT/postgres") from None
+        raise SystemExit(f"{redact(pg_url)}: cannot connect to PostgreSQL "
+                         f"({redact_text(str(exc).strip(), [pg_url])}). Fix: start PostgreSQL or pass "
+                         "--pg-url postgresql://USER@HOST:PORT/postgres (password in ~/.pgpass or PGPASSWORD)"
+                         ) from None
     conn.autocommit = True   # CREATE/DROP DATABASE cannot run inside a transaction
     return conn
 
 
-def create_databases(pg_url: str, names: Iterable[str]) -> list[str]:
-    """Create each database that does not exist yet; returns the ones created."""
+def create_databases(pg_url: str, names: Iterable[str], owners: dict[str, str] | None = None) -> list[str]:
+    """Create each database that does not exist yet (owned by owners[name] when given); returns the ones created."""
     from psycopg2 import sql
 
     created = []
+    owners = owners or {}
     conn = _admin_connection(pg_url)
     try:
         with conn.cursor() as cur:
             for name in names:
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                 if cur.fetchone() is None:
-                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                    if name in owners:
+                        cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
+                                                                                  sql.Identifier(owners[name])))
+                    else:
+                        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
                     created.append(name)
     finally:
         conn.close()
     return created
 
 
-def drop_databases(pg_url: str, names: Iterable[str]) -> None:
+def create_roles(pg_url: str, roles: dict[str, str]) -> list[str]:
+    """One login role per database (role name -> password): no superuser, no CREATEDB/CREATEROLE. Existing roles get
+    the new password. Returns the roles created."""
+    from psycopg2 import sql
+
+    created = []
+    conn = _admin_connection(pg_url)
+    try:
+        with conn.cursor() as cur:
+            for role, password in roles.items():
+                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+                verb = "ALTER" if cur.fetchone() else "CREATE"
+                cur.execute(sql.SQL(verb + " ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}")
+                            .format(sql.Identifier(role), sql.Literal(password)))
+                if verb == "CREATE":
+                    created.append(role)
+    finally:
+        conn.close()
+    return created
+
+
+def restrict_databases(pg_url: str, owners: dict[str, str]) -> None:
+    """Each database: owned by its role (it creates its own tables), CONNECT revoked from PUBLIC (no other role but
+    the superuser can open it)."""
     from psycopg2 import sql
 
     conn = _admin_connection(pg_url)
     try:
         with conn.cursor() as cur:
-            for name in names:
-                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            for db, role in owners.items():
+                cur.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(db), sql.Identifier(role)))
+                cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(db)))
+                cur.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
+                    sql.Identifier(db), sql.Identifier(role)))
     finally:
         conn.close()
 
 
-def init_optuna_schema(storage: str) -> None:
+def drop_databases(pg_url: str, names: Iterable[str], roles: Iterable[str] = (),
+                   passfile: str | Path | None = None) -> None:
+    from psycopg2 import sql
+
+    conn = _admin_connection(pg_url, passfile)
+    try:
+        with conn.cursor() as cur:
+            for name in names:
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            for role in roles:
+                cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    finally:
+        conn.close()
+
+
+def write_pgpass(path: Path, entries: Iterable[tuple[str, str, str | None]]) -> Path:
+    """A libpq password file (mode 0600): (url, password, database) per line."""
+    lines = [pgpass_line(url, password, db) for url, password, db in entries]
+    return atomic_write(path, "".join(line + "\n" for line in lines), mode=0o600)
+
+
+def init_optuna_schema(storage: str, passfile: str | Path | None = None) -> None:
     """Create Optuna's tables once, before the dashboard and several workers would race to create them."""
     import optuna
 
-    optuna.storages.RDBStorage(storage).remove_session()
+    kwargs = {"connect_args": {"passfile": str(passfile)}} if passfile else {}
+    storage_obj = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+    storage_obj.remove_session()
+    storage_obj.engine.dispose()
 
 
 # ---- processes ----------------------------------------------------------------------------------------------

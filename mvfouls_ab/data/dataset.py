@@ -224,8 +224,8 @@ class ClipCache:
 
 
 def _shape(window: ClipWindow) -> tuple[int, int, int, int]:
-    """The shape of one cached window: [C=3, T, size, size]."""
-    return (3, window.num_frames, window.size, window.size)
+    """The shape of one cached window: [C=3, T, height, width]."""
+    return window.shape
 
 
 def _decode_job(job: tuple[str, str, ClipWindow, str]) -> int:

@@ -31,15 +31,18 @@ benchmarks/synth_calibration.py measures both on the product's CPU pipeline (REA
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,11 +50,11 @@ from .. import labels
 from ..errors import MVFoulsError, located
 from .video import write_clip
 
-VERSION = 3                    # bump whenever generated content changes (cache folders carry it)
+VERSION = 4                    # bump whenever generated content changes (cache folders carry it)
 DEFAULT_SCALE = 0.5            # ~1,950 actions / ~4,450 clips: ~1 min on 2 cores (benchmarks/README.md)
 DEFAULT_SEED = 0
 MIN_PER_CLASS = 5              # every class of both tasks in every labelled split, whatever the scale
-WIDTH, HEIGHT = 128, 72        # 16:9 like the real 398x224 release; the pipeline resizes to 112x112 anyway
+WIDTH, HEIGHT = 256, 144       # 16:9 like the real 398x224 release; limbs stay 2-6 px wide (benchmarks/README.md)
 FPS = 25
 NUM_FRAMES = 126
 EVENT_FRAME = 75
@@ -99,51 +102,56 @@ NO_OFFENCE_SEVERITY = {"": 220, "1.0": 40, "2.0": 44}
 NOISY_DIVES = (("", ""), ("Between", "1.0"), ("Between", "2.0"))
 
 VIEW_COUNTS = {2: 2241, 3: 561, 4: 114}
-# camera type -> (share among replays, signal gain, zoom)
+
+
+class Camera(NamedTuple):
+    """How a camera type films the foul. `share`: its share among replays (clip_1.. ; clip_0 is always live)."""
+
+    share: float
+    zoom: float                     # pixels per metre relative to PX_PER_M
+    elevation: float                # degrees the camera looks down (spider camera: from above)
+    angle: tuple[float, float]      # range of the angle (degrees) between the line of sight and the foul's
+    #                                 normal: 0 = side-on (the contact in profile), 90 = end-on (foreshortened)
+    occlusion: float                # chance that a player crosses between the camera and the foul
+    signal: bool                    # False: the camera never shows the foul (it films something else)
+
+
 CAMERAS = {
-    "Main camera center": (0.00, 1.00, 1.0),
-    "Close-up player or field referee": (0.45, 1.00, 1.5),
-    "Close-up behind the goal": (0.12, 0.80, 1.4),
-    "Main behind the goal": (0.12, 0.60, 1.0),
-    "Main camera left": (0.07, 0.70, 0.9),
-    "Main camera right": (0.07, 0.70, 0.9),
-    "Spider camera": (0.06, 0.30, 0.8),
-    "Goal line technology camera": (0.04, 0.00, 1.0),
-    "Public": (0.04, 0.00, 0.8),
-    "Other": (0.03, 0.00, 1.0),
+    "Main camera center": Camera(0.00, 0.80, 24.0, (0.0, 50.0), 0.15, True),
+    "Close-up player or field referee": Camera(0.45, 1.50, 10.0, (0.0, 60.0), 0.20, True),
+    "Close-up behind the goal": Camera(0.12, 1.30, 14.0, (40.0, 80.0), 0.25, True),
+    "Main behind the goal": Camera(0.12, 0.75, 22.0, (50.0, 88.0), 0.20, True),
+    "Main camera left": Camera(0.07, 0.70, 24.0, (15.0, 60.0), 0.15, True),
+    "Main camera right": Camera(0.07, 0.70, 24.0, (15.0, 60.0), 0.15, True),
+    "Spider camera": Camera(0.06, 0.50, 62.0, (0.0, 90.0), 0.00, True),
+    "Goal line technology camera": Camera(0.04, 0.90, 12.0, (0.0, 90.0), 0.00, False),
+    "Public": Camera(0.04, 0.45, 20.0, (0.0, 90.0), 0.00, False),
+    "Other": Camera(0.03, 1.00, 18.0, (0.0, 90.0), 0.00, False),
 }
 LIVE_CAMERA = "Main camera center"
 REPLAY_SPEEDS = ((1.0, 0.10), (1.4, 0.20), (1.6, 0.20), (1.8, 0.30), (2.0, 0.20))
 
-# Motion pattern per action class, chosen for cues a random 3D CNN picks up: sweep (vx, vy), shaking (sx, sy),
-# shape (stretch: + flat, - tall), and a partner (an opponent stuck to the player).
-ACTION_PATTERNS = np.array([
-    # vx    vy    sx    sy  stretch partner
-    [1.0, 0.3, 0.0, 0.0, +0.7, 0.0],    # Tackling: fast horizontal slide, flat
-    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],     # Standing tackling: fast horizontal sweep, round
-    [0.0, -1.0, 0.0, 0.0, -0.7, 0.0],   # High leg: vertical sweep, tall
-    [0.0, 0.0, 0.0, 0.4, 0.0, 1.0],     # Holding: an opponent stuck to the player, a tug
-    [0.7, 0.7, 0.0, 0.0, 0.0, 0.0],     # Pushing: diagonal sweep, round
-    [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],     # Elbowing: shaking sideways
-    [1.0, 0.0, 0.0, 0.0, 0.0, 1.0],     # Challenge: horizontal sweep with an opponent against the player
-    [0.0, 1.0, 0.0, 0.0, +0.9, 0.0],    # Dive: falls, flat
-])
-SWEEP_PX = 24.0       # sweep amplitude (pixels at zoom 1, full gain)
-SHAKE_PX = 7.0        # shaking amplitude
-SHAKE_CYCLES = 3.0    # shakes over the event
-# Severity at the event: colour it flashes towards, blend strength, growth.
-SEVERITY_COLOURS = np.array([[0, 0, 0], [235, 235, 235], [240, 215, 30], [215, 25, 30]], np.float32)
-SEVERITY_BLEND = (0.0, 0.75, 0.90, 1.00)
-SEVERITY_GROWTH = (0.0, 0.35, 0.70, 1.20)
-MAIN_COLOUR = np.array([30, 60, 200], np.float32)    # the main player's team (blue)
-TEAM_COLOURS = np.array([[25, 25, 30], [90, 160, 230], [120, 40, 150], [0, 110, 110],
-                         [150, 90, 40]], np.float32)
-BLOB_RADIUS = 10.0
-DISTRACTOR_RADIUS = (3.0, 5.0)
-STRIPE_CONTRAST = 1.06
-PAN_SPEED = 0.15
-GAIN_RANGE = (0.7, 1.0)   # per-action signal gain (difficulty)
-CLUTTER = 0.1             # scales every class-independent variation (pitch tone, stripes, pan, drift, jitter)
+PX_PER_M = 28.0               # pixels per metre at zoom 1 (a player is ~50 px tall; limbs 2-4 px wide)
+GAIN_RANGE = (0.7, 1.0)       # per-action clarity: scales every view's zoom by 0.8 + 0.2 * gain
+# Contact intensity per severity class (no offence, no card, yellow, red) +- INTENSITY_JITTER: how deep and how
+# fast the limb goes in, how high, how far it follows through, how far the victim is knocked and how hard he falls.
+INTENSITY = (0.12, 0.42, 0.70, 0.98)
+INTENSITY_JITTER = 0.07
+CLUTTER = 1.0                 # scales the class-independent nuisance (pitch tone/stripes, drift, distractor motion)
+# Kits (shirt, shorts, socks). Both teams of every action come from the same list, whatever the class.
+KITS = np.array([
+    [(200, 30, 40), (245, 245, 245), (200, 30, 40)],      # red
+    [(30, 60, 190), (245, 245, 245), (30, 60, 190)],      # blue
+    [(238, 238, 238), (25, 25, 35), (238, 238, 238)],     # white
+    [(245, 205, 30), (30, 55, 150), (245, 205, 30)],      # yellow
+    [(110, 180, 235), (245, 245, 245), (25, 25, 35)],     # sky blue
+    [(125, 25, 60), (125, 25, 60), (235, 235, 235)],      # claret
+    [(240, 120, 20), (25, 25, 35), (240, 120, 20)],       # orange
+    [(100, 40, 150), (235, 235, 235), (100, 40, 150)],    # purple
+    [(30, 30, 35), (30, 30, 35), (200, 30, 40)],          # black
+], np.float32)
+REFEREE_KIT = np.array([(200, 240, 60), (25, 25, 30), (25, 25, 30)], np.float32)
+SKINS = np.array([(238, 198, 168), (205, 152, 112), (150, 100, 68), (95, 62, 42)], np.float32)
 # Ambiguity: (task, frequent class) -> (rare class it looks like, share of the frequent class that does).
 LOOKALIKES = {
     ("action", 1): (4, 0.50),    # Standing tackling that looks like Pushing
@@ -342,87 +350,601 @@ def annotations_doc(split: str, specs: list[ActionSpec]) -> dict:
         actions[str(spec.index)] = {**spec.raw, "Clips": clips}
     return {"Set": split.lower(), "Number of actions": len(actions), "Actions": actions}
 
+# ---- rendering: figures ------------------------------------------------------------------------------------------
+# Skeleton joints (a stick figure: pelvis, waist, neck, head, shoulders/elbows/hands, hips/knees/feet).
+(PELVIS, WAIST, NECK, HEAD, L_SHOULDER, L_ELBOW, L_HAND, R_SHOULDER, R_ELBOW, R_HAND,
+ L_HIP, L_KNEE, L_FOOT, R_HIP, R_KNEE, R_FOOT) = range(16)
+N_JOINTS = 16
+# limb -> (root, middle, end joints), segment lengths (m), side (+1 left, -1 right), arm or leg
+_LIMBS = {
+    "la": ((L_SHOULDER, L_ELBOW, L_HAND), (0.29, 0.29), +1.0, "arm"),
+    "ra": ((R_SHOULDER, R_ELBOW, R_HAND), (0.29, 0.29), -1.0, "arm"),
+    "ll": ((L_HIP, L_KNEE, L_FOOT), (0.45, 0.46), +1.0, "leg"),
+    "rl": ((R_HIP, R_KNEE, R_FOOT), (0.45, 0.46), -1.0, "leg"),
+}
+# Radius (m) of the body around each joint: the lowest point of the body touches the ground.
+_BODY_RADIUS = np.array([0.09, 0.10, 0.07, 0.11, 0.07, 0.05, 0.04, 0.07, 0.05, 0.04,
+                         0.08, 0.06, 0.05, 0.08, 0.06, 0.05])
+SHIRT, SHORTS, SOCKS, SKIN, BOOTS = range(5)
+# Thick segments (joint, joint, radius in m, colour slot), drawn far limbs first, near limbs last.
+_ARM_SEGMENTS = ((0, 1, 0.055, SHIRT), (1, 2, 0.045, SKIN))           # indices into the limb's joints
+_LEG_SEGMENTS = ((0, 1, 0.075, SHORTS), (1, 2, 0.055, SOCKS), (2, 2, 0.06, BOOTS))
+_CORE_SEGMENTS = ((WAIST, NECK, 0.14, SHIRT), (L_HIP, R_HIP, 0.09, SHORTS), (L_SHOULDER, R_SHOULDER, 0.075, SHIRT),
+                  (HEAD, HEAD, 0.115, SKIN))
+STRIDE = 2.6                  # metres per gait cycle
+STOP = 1.4                    # players stop (whistle) by event time +STOP (units of EVENT_HALF, scene time)
+BOOT_COLOUR = (25, 25, 25)
 
-# ---- rendering -----------------------------------------------------------------------------------------------
-def _smooth_path(rng: np.random.Generator, t: np.ndarray, amplitude: float) -> np.ndarray:
-    """A smooth random walk-like 1D path (sum of slow sinusoids)."""
-    out = np.zeros_like(t)
-    for _ in range(3):
-        out += CLUTTER * amplitude * rng.uniform(0.2, 1.0) * np.sin(2 * np.pi * (t / rng.uniform(60, 200) + rng.random()))
-    return out
+
+@dataclass
+class _Pose:
+    """One figure over time: position (m, the pair's frame: +x is where the pair runs), facing, lean, limbs."""
+
+    x: np.ndarray
+    y: np.ndarray
+    yaw: np.ndarray        # facing (rad; 0 = +x)
+    pitch: np.ndarray      # forward lean (rad; negative = leaning back; pi/2 = lying face down)
+    roll: np.ndarray       # sideways lean (rad; positive = towards the figure's left)
+    lift: np.ndarray       # height above the ground of the body's lowest point (jumps)
+    limbs: dict            # "la"/"ra"/"ll"/"rl" -> [T, 2, 3] segment directions in the body frame
+    #                        (forward, outward, up), unit vectors
 
 
-def _jitter(rng: np.random.Generator, low: float, high: float) -> float:
-    """A uniform draw in [low, high] shrunk towards the middle by CLUTTER (one draw either way: same stream)."""
-    mid = (low + high) / 2
-    return mid + (rng.uniform(low, high) - mid) * CLUTTER
+def _ease(tau: np.ndarray, a: float, b: float) -> np.ndarray:
+    """0 before a, 1 after b, smooth in between."""
+    u = np.clip((tau - a) / max(b - a, 1e-6), 0.0, 1.0)
+    return u * u * (3 - 2 * u)
+
+
+def _bump(tau: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    return _ease(tau, a, b) * (1 - _ease(tau, b, c))
+
+
+def _kf(tau: np.ndarray, keys, values) -> np.ndarray:
+    """Keyframes: `values` at times `keys` (increasing), eased in between, held outside."""
+    keys = np.asarray(keys, np.float64)
+    values = np.asarray(values, np.float64)
+    pos = np.interp(tau, keys, np.arange(len(keys), dtype=np.float64))
+    i = np.minimum(np.floor(pos).astype(np.int64), len(keys) - 2)
+    u = pos - i
+    u = u * u * (3 - 2 * u)
+    return values[i] + (values[i + 1] - values[i]) * u
+
+
+def _sph(a, b) -> np.ndarray:
+    """Body-frame direction: swung forward by `a` from hanging down, out to the side by `b`."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    return np.stack([np.sin(a) * np.cos(b), np.sin(b), -np.cos(a) * np.cos(b)], -1)
+
+
+def _leg(a, b, c) -> np.ndarray:
+    """Leg aimed at `a` (forward from hanging down, body frame), abducted by `b`, knee bent by `c` (knee forward)."""
+    a = np.asarray(a, np.float64)
+    c = np.asarray(c, np.float64)
+    return np.stack(np.broadcast_arrays(_sph(a + c / 2, b), _sph(a - c / 2, b)), -2)
+
+
+def _arm(a, b, c) -> np.ndarray:
+    """Arm aimed at `a`, abducted by `b`, elbow bent by `c` (forearm forward/up)."""
+    a = np.asarray(a, np.float64)
+    c = np.asarray(c, np.float64)
+    return np.stack(np.broadcast_arrays(_sph(a - c / 2, b), _sph(a + c / 2, b)), -2)
+
+
+def _set(pose: _Pose, w, **values) -> None:
+    for name, value in values.items():
+        cur = getattr(pose, name)
+        setattr(pose, name, cur + (np.asarray(value, np.float64) - cur) * w)
+
+
+def _limb(pose: _Pose, name: str, w, dirs: np.ndarray) -> None:
+    cur = pose.limbs[name]
+    new = cur + (np.broadcast_to(dirs, cur.shape) - cur) * np.asarray(w, np.float64)[..., None, None]
+    pose.limbs[name] = new / np.maximum(np.linalg.norm(new, axis=-1, keepdims=True), 1e-9)
+
+
+def _travel(tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance run (in units of speed x EVENT_HALF) and speed factor: constant speed, then a stop after the event."""
+    u = np.clip(tau, 0.0, STOP)
+    return np.where(tau < 0, tau, u - u * u / (2 * STOP)), np.clip(1 - u / STOP, 0.0, 1.0)
+
+
+def _run_pose(x, y, yaw, phase, m) -> _Pose:
+    """Running (m = 1) or standing (m = 0): legs and arms swing in opposition with the gait phase."""
+    s, c = np.sin(phase) * m, np.cos(phase) * m
+    limbs = {
+        "ll": _leg(0.05 + 0.55 * s, 0.06, 0.25 + 0.45 * m + 0.45 * c),
+        "rl": _leg(0.05 - 0.55 * s, 0.06, 0.25 + 0.45 * m - 0.45 * c),
+        "la": _arm(0.1 - 0.5 * s, 0.18, 0.4 + 1.0 * m),
+        "ra": _arm(0.1 + 0.5 * s, 0.18, 0.4 + 1.0 * m),
+    }
+    n = len(phase)
+    return _Pose(np.broadcast_to(x, n).astype(np.float64), np.broadcast_to(y, n).astype(np.float64),
+                 np.broadcast_to(yaw, n).astype(np.float64), 0.04 + 0.16 * m, np.zeros(n), np.zeros(n), limbs)
+
+
+def _axes(yaw, pitch, roll) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World [T,3] forward, left and up axes of a body leaning by pitch/roll and facing yaw."""
+    cr, sr, cp, sp, cy, sy = np.cos(roll), np.sin(roll), np.cos(pitch), np.sin(pitch), np.cos(yaw), np.sin(yaw)
+    zero = np.zeros_like(cr)
+    local = (np.stack([cp, -sp * sr, -sp * cr], -1),      # forward
+             np.stack([zero, cr, -sr], -1),               # left
+             np.stack([sp, cp * sr, cp * cr], -1))        # up
+
+    def turn(v):
+        return np.stack([v[:, 0] * cy - v[:, 1] * sy, v[:, 0] * sy + v[:, 1] * cy, v[:, 2]], -1)
+
+    return turn(local[0]), turn(local[1]), turn(local[2])
+
+
+def _joints(pose: _Pose) -> np.ndarray:
+    """World joint positions [T, N_JOINTS, 3] (m); the body's lowest point rests on the ground (+ lift)."""
+    F, L, U = _axes(pose.yaw, pose.pitch, pose.roll)
+    n = len(pose.x)
+    J = np.zeros((n, N_JOINTS, 3))
+    J[:, PELVIS, 0], J[:, PELVIS, 1] = pose.x, pose.y
+    pel = J[:, PELVIS]
+    J[:, WAIST] = pel + 0.16 * U
+    J[:, NECK] = pel + 0.50 * U
+    J[:, HEAD] = pel + 0.66 * U
+    J[:, L_SHOULDER] = pel + 0.47 * U + 0.17 * L
+    J[:, R_SHOULDER] = pel + 0.47 * U - 0.17 * L
+    J[:, L_HIP] = pel + 0.09 * L
+    J[:, R_HIP] = pel - 0.09 * L
+    for name, ((root, mid, end), (l1, l2), side, _) in _LIMBS.items():
+        d = pose.limbs[name]
+        world = (F[:, None] * d[..., 0:1] + L[:, None] * (side * d[..., 1:2]) + U[:, None] * d[..., 2:3])
+        J[:, mid] = J[:, root] + l1 * world[:, 0]
+        J[:, end] = J[:, mid] + l2 * world[:, 1]
+    J[..., 2] += (-(J[..., 2] - _BODY_RADIUS).min(axis=1) + pose.lift)[:, None]
+    return J
+
+
+# ---- rendering: the scene (class-independent draws) --------------------------------------------------------------
+@dataclass
+class _Scene:
+    """What one action looks like, whatever the camera: the two players, their run-up, the pitch, the others."""
+
+    action: int
+    severity: int
+    gain: float
+    k: float               # contact intensity
+    speed: float           # run-up speed (m/s)
+    gap: float             # how far the offender runs behind the victim before the event (m)
+    lat: float             # his lateral offset (m; the victim is on his left when < 0)
+    phase: np.ndarray      # [2] gait phases of offender, victim
+    kits: np.ndarray       # [2, 3, 3] offender's and victim's kits
+    skins: np.ndarray      # [2, 3]
+    others: np.ndarray     # [n, 7] distractors: dx, dy, heading, speed, phase, kit (0/1/2 referee), skin
+    pitch: np.ndarray      # [7] stripe width, stripe angle, grass r/g/b, line offsets (2)
+    lag: float
+
+
+def _draw_scene(rng: np.random.Generator, action: int | None, severity: int, gain: float) -> _Scene:
+    """All random draws of an action, in a fixed order and number whatever its class (so that views of different
+    classes drawn from the same seed are identical before the event and in views that never show the foul)."""
+    speed = rng.uniform(3.5, 7.0)
+    gap = rng.uniform(1.3, 1.8)
+    lat = rng.uniform(0.25, 0.55) * rng.choice([-1.0, 1.0])
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    teams = rng.choice(len(KITS), 2, replace=False)
+    skins = SKINS[rng.integers(len(SKINS), size=2 + 4)]
+    k = float(np.clip(INTENSITY[severity] + rng.uniform(-INTENSITY_JITTER, INTENSITY_JITTER), 0.0, 1.0))
+    n_others = int(rng.integers(2, 5))
+    others = np.column_stack([
+        rng.uniform(-9, 9, 4) * CLUTTER + rng.choice([-1.0, 1.0], 4) * 2.5,   # never on top of the pair
+        rng.uniform(-6, 6, 4) * CLUTTER,
+        rng.uniform(0, 2 * np.pi, 4), rng.uniform(0.5, 6.0, 4) * CLUTTER, rng.uniform(0, 2 * np.pi, 4),
+        rng.choice([0, 0, 1, 1, 2], 4), np.arange(4) + 2])[:n_others]
+    pitch = np.array([rng.uniform(4.0, 8.0), rng.uniform(0, np.pi),
+                      *(np.array([55.0, 135.0, 55.0]) + rng.uniform(-15, 15, 3) * CLUTTER),
+                      rng.uniform(-25, 25), rng.uniform(-25, 25), rng.uniform(5, 35)])
+    return _Scene(action, severity, gain, k, speed, gap, lat, phase, KITS[teams], skins, others, pitch,
+                  float(rng.uniform(0.0, 0.25)))
+
+
+def _fall(k: float) -> float:
+    """How far (rad) a victim goes down for a contact of intensity k: none, a stumble, a fall, flat on the ground."""
+    return 1.5 * float(np.clip((k - 0.3) / 0.65, 0.0, 1.0)) ** 0.9
+
+
+def _choreograph(sc: _Scene, tau: np.ndarray, action: int | None) -> tuple[_Pose, _Pose]:
+    """Offender and victim over scene time tau (units of EVENT_HALF, 0 = contact). Before tau = -1 both run
+    the same way whatever the class; `action` None: no foul at all (they run, then stop at the whistle)."""
+    trav, m = _travel(tau)
+    X = sc.speed * EVENT_HALF / FPS * trav
+    A = _run_pose(X - sc.gap, sc.lat, 0.0, sc.phase[0] + 2 * np.pi * X / STRIDE, m)
+    V = _run_pose(X, 0.0, 0.0, sc.phase[1] + 2 * np.pi * X / STRIDE, m)
+    if action is None:
+        return A, V
+    k, hit, lat, gap = sc.k, sc.severity > 0, sc.lat, sc.gap
+    sg = float(np.sign(lat))                  # the offender's side of the victim (y)
+    a_near, a_far = ("l", "r") if sg < 0 else ("r", "l")
+    v_near = "r" if sg < 0 else "l"           # the victim's side facing the offender
+    e = lambda a, b: _ease(tau, a, b)  # noqa: E731
+    kf = lambda keys, values: _kf(tau, keys, values)  # noqa: E731
+    fall = _fall(k) if hit else 0.0
+
+    def trip(start: float, push: float = 0.0) -> None:   # the victim's legs are taken (or he is shoved): he falls
+        if not hit:
+            return
+        w = e(start, start + 0.65 - 0.35 * k)
+        _set(V, w, pitch=0.15 + fall)
+        V.x += (0.1 + push + (0.9 + push) * k * k) * e(start, start + 0.6)
+        wl = w * min(1.0, fall / 0.6)
+        _limb(V, "la", wl, _arm(1.7, 0.5, 0.3))
+        _limb(V, "ra", wl, _arm(1.5, 0.5, 0.4))
+        _limb(V, "ll", wl, _leg(-0.45, 0.1, 1.1))
+        _limb(V, "rl", wl, _leg(-0.1, 0.1, 0.3))
+
+    if action == 0:      # Tackling: slides in low, the leading leg along the ground into the victim's legs
+        w = e(-0.7, -0.4)
+        lean = kf([-0.7, -0.35, 0.7, 1.4], [0.2, -1.0, -1.0, -0.7])
+        _set(A, w, pitch=lean)
+        into = 0.12 * k if hit else -0.45
+        A.x += kf([-1, -0.45, 0.0, 0.6], [0, 0.15, gap - 0.95 + into, gap - 0.75 + into + 0.5 * k])
+        A.y += kf([-1, -0.1], [0, -0.7 * lat])
+        studs = 0.55 * k * e(-0.05, 0.25) if hit else 0.0
+        _limb(A, a_near + "l", w, _leg(1.5 + lean + studs, 0.12, 0.05))
+        _limb(A, a_far + "l", w, _leg(0.8 + lean, 0.15, 1.9))
+        _limb(A, a_near + "a", w, _arm(-0.9, 0.35, 0.1))
+        _limb(A, a_far + "a", w, _arm(1.6, 0.8, 0.6))
+        if hit:
+            trip(0.0)
+        else:                                  # a fair slide: the victim hurdles it
+            hop = _bump(tau, -0.3, -0.05, 0.25)
+            V.lift += 0.3 * hop
+            _limb(V, "ll", hop, _leg(0.7, 0.1, 1.6))
+            _limb(V, "rl", hop, _leg(0.2, 0.1, 1.2))
+    elif action == 1:    # Standing tackling: upright, one leg reaching to the ball / the victim's feet
+        w = e(-0.65, -0.4)
+        wind = -0.2 - 0.25 * (1 - k)
+        lean = kf([-0.65, wind, 0.05, 0.5, 1.2], [0.2, 0.1, -0.2, -0.1, 0.05])
+        _set(A, w, pitch=lean)
+        into = 0.1 * k if hit else -0.35
+        A.x += kf([-1, wind, 0.0, 0.6], [0, gap - 1.1, gap - 0.8 + into, gap - 0.75 + into + 0.15 * k])
+        A.y += kf([-1, -0.1], [0, -0.5 * lat])
+        swing = kf([-0.65, wind, 0.0, 0.3, 1.0], [0.3, -0.4, 0.95 + 0.3 * k, 0.95 + 0.6 * k, 0.15])
+        knee = kf([-0.65, wind, 0.0, 1.0], [0.5, 1.2, 0.12, 0.2])
+        _limb(A, a_near + "l", w, _leg(swing + lean, 0.22, knee))
+        _limb(A, a_far + "l", w, _leg(lean + 0.05, 0.08, 0.25))
+        _limb(A, a_near + "a", w, _arm(0.6, 0.8, 0.8))
+        _limb(A, a_far + "a", w, _arm(-0.4, 0.7, 0.5))
+        trip(0.0)
+    elif action == 2:    # High leg: leaning back, a leg raised to the victim's upper body / head
+        w = e(-0.6, -0.35)
+        wind = -0.15 - 0.2 * (1 - k)
+        lean = kf([-0.6, wind, 0.0, 0.4, 1.1], [0.2, -0.25, -0.5 - 0.15 * k, -0.45, 0.0])
+        _set(A, w, pitch=lean)
+        into = 0.1 * k if hit else -0.3
+        A.x += kf([-1, wind, 0.0, 0.6], [0, gap - 1.1, gap - 0.85 + into, gap - 0.85 + into])
+        A.y += kf([-1, -0.1], [0, -0.6 * lat])
+        swing = kf([-0.6, wind, 0.0, 0.3, 1.0], [0.3, 1.2, 1.9 + 0.6 * k, 1.9 + 0.85 * k, 0.2])
+        knee = kf([-0.6, wind, 0.0, 1.0], [0.5, 1.9, 0.1, 0.25])
+        _limb(A, a_near + "l", w, _leg(swing + lean, 0.12, knee))
+        _limb(A, a_far + "l", w, _leg(lean + 0.05, 0.08, 0.2))
+        _limb(A, a_near + "a", w, _arm(0.9, 1.0, 0.4))
+        _limb(A, a_far + "a", w, _arm(-0.2, 1.1, 0.4))
+        jump = _bump(tau, -0.45, -0.05, 0.3)             # the victim jumps for a header
+        V.lift += 0.22 * jump
+        _limb(V, "la", jump, _arm(2.2, 0.5, 0.9))
+        _limb(V, "ra", jump, _arm(2.2, 0.5, 0.9))
+        trip(0.0, push=0.1)
+    elif action == 3:    # Holding: an arm gripping the victim's shirt, held; he is pulled back
+        w = e(-0.6, -0.35)
+        A.x += kf([-1, -0.35, 0.0, 1.0], [0, gap - 0.6, gap - 0.5, gap - 0.45] if hit else
+                  [0, gap - 0.6, gap - 0.7, gap - 1.0])
+        A.y += kf([-1, -0.35], [0, -0.45 * lat])
+        grip = e(-0.55, -0.3) if hit else _bump(tau, -0.55, -0.3, 0.05)
+        tug = np.sin(2 * np.pi * 2.5 * tau) * e(-0.3, 0.0)
+        lean = -0.1 - 0.25 * k + 0.08 * k * tug
+        _set(A, w, pitch=lean)
+        _limb(A, a_near + "a", grip, _arm(1.5 + lean, 0.1, 0.25))
+        _limb(A, a_far + "a", w, _arm(0.2, 0.35, 1.3))
+        brace = w * e(-0.4, -0.1)
+        _limb(A, a_near + "l", brace, _leg(0.35 + lean, 0.1, 0.3))
+        _limb(A, a_far + "l", brace, _leg(-0.35 + lean, 0.1, 0.4))
+        if hit:
+            wv = e(-0.3, 0.1)
+            _set(V, wv, pitch=-(0.15 + 0.35 * k) + 0.1 * k * tug - 0.6 * fall)
+            drag = 0.3 * k * e(-0.2, 0.6)
+            V.x -= drag
+            A.x -= drag
+            _limb(V, "la", wv, _arm(-0.7, 0.6, 0.3))
+            _limb(V, "ra", wv, _arm(-0.7, 0.6, 0.3))
+    elif action == 4:    # Pushing: both arms extended into the victim's back, who is shoved away
+        w = e(-0.55, -0.3)
+        shove = 0.05
+        load = shove - (0.35 - 0.2 * k)
+        lean = kf([-0.55, load, shove, 0.5, 1.2], [0.2, 0.15, 0.35 + 0.25 * k, 0.3 + 0.3 * k, 0.1])
+        _set(A, w, pitch=lean)
+        A.x += kf([-1, load, shove, 0.6], [0, gap - 0.75, gap - 0.55, gap - 0.5 + 0.3 * k])
+        A.y += kf([-1, -0.2], [0, -0.75 * lat])
+        bend = kf([-0.55, load, shove, 0.7, 1.2], [0.6, 1.6, 0.05, 0.05, 1.0] if hit else [0.6, 1.2, 0.7, 0.7, 1.0])
+        _limb(A, "la", w, _arm(1.45 + lean, -0.1, bend))
+        _limb(A, "ra", w, _arm(1.45 + lean, -0.1, bend))
+        _limb(A, a_near + "l", w, _leg(0.5, 0.1, 0.4))
+        _limb(A, a_far + "l", w, _leg(-0.45, 0.1, 0.2))
+        if hit:
+            trip(shove, push=0.5)
+        else:
+            V.x += 0.04 * e(shove, shove + 0.3)
+    elif action == 5:    # Elbowing: alongside, a bent arm raised and swung at the victim's head
+        w = e(-0.55, -0.3)
+        wind = -0.05 - 0.3 * (1 - k)
+        A.x += kf([-1, -0.3, 0.0, 0.6], [0, gap - 0.35, gap - 0.18, gap - 0.15])
+        A.y += kf([-1, -0.3], [0, sg * 0.5 - lat])
+        _set(A, w, yaw=-sg * 0.3 * _bump(tau, wind, 0.0, 0.6))
+        if hit:
+            swing = kf([-0.55, wind, 0.0, 0.3, 1.0], [0.1, -0.9, 0.0, 0.6 + 0.5 * k, 0.2])
+            raised = kf([-0.55, wind, 0.0, 1.0], [0.25, 1.15 + 0.45 * k, 1.25 + 0.55 * k, 0.3])
+        else:
+            swing = kf([-0.55, wind, 0.0, 0.3, 1.0], [0.1, -0.3, 0.1, 0.2, 0.1])
+            raised = kf([-0.55, wind, 0.0, 1.0], [0.25, 1.0, 1.05, 0.3])
+        upper = np.stack([np.sin(raised) * np.sin(swing), np.sin(raised) * np.cos(swing), -np.cos(raised)], -1)
+        fore = np.stack([0.7 - 0.8 * np.sin(swing), -0.8 * np.cos(swing), np.full_like(swing, 0.25)], -1)
+        fore /= np.linalg.norm(fore, axis=-1, keepdims=True)
+        _limb(A, a_near + "a", w, np.stack([upper, fore], -2))
+        if hit:
+            wr = e(0.0, 0.45 - 0.15 * k)
+            _set(V, wr, roll=-sg * (0.15 + 1.2 * k), pitch=0.15 - 0.25 * k)
+            V.y -= sg * (0.05 + 0.6 * k * k) * e(0.0, 0.6)
+            _limb(V, v_near + "a", wr * k, _arm(2.4, 0.2, 2.0))
+    elif action == 6:    # Challenge: shoulder to shoulder, leaning into each other
+        w = e(-0.55, -0.3)
+        A.x += kf([-1, -0.35, 0.0, 0.6], [0, gap - 0.3, gap - 0.1, gap - 0.05])
+        A.y += kf([-1, -0.35, 0.0, 0.5], [0, sg * 0.6 - lat, sg * (0.38 - 0.06 * k) - lat, sg * 0.45 - lat])
+        lean = kf([-0.55, -0.1, 0.1, 0.7], [0, 0.22 + 0.15 * k, 0.22 + 0.15 * k, 0.05])
+        _set(A, w, roll=-sg * lean)
+        _limb(A, a_near + "a", w, _arm(0.1, -0.1, 1.8))
+        _limb(V, v_near + "a", w, _arm(0.1, -0.1, 1.8))
+        _set(V, w, roll=sg * 0.18 * (1 - e(0.0, 0.2)))
+        if hit:
+            wr = e(0.0, 0.45 - 0.15 * k)
+            _set(V, wr, roll=-sg * (0.1 + 0.9 * k))
+            V.y -= sg * (0.05 + 0.5 * k * k) * e(0.0, 0.5)
+    elif action == 7:    # Dive: the victim falls with no contact; the offender stays away (and protests)
+        A.x += kf([-1, -0.3, 0.3, 1.0], [0, -0.1, -0.45, -0.55])
+        A.y += kf([-1, 0.2], [0, sg * 0.4])
+        protest = e(0.25, 0.55)
+        _limb(A, "la", protest, _arm(2.5, 0.45, 0.3))
+        _limb(A, "ra", protest, _arm(2.5, 0.45, 0.3))
+        wf = e(-0.2, 0.25 - 0.2 * k)
+        _set(V, wf, pitch=1.45)
+        V.x += (0.3 + 0.4 * k) * e(-0.2, 0.5)
+        V.roll += 0.6 * k * np.sin(2 * np.pi * 1.3 * (tau - 0.3)) * e(0.3, 0.5)
+        _limb(V, "la", wf, _arm(2.6, 0.5, 0.2))
+        _limb(V, "ra", wf, _arm(2.6, 0.5, 0.2))
+        _limb(V, "ll", wf, _leg(-0.7, 0.1, 1.0))
+        _limb(V, "rl", wf, _leg(-0.4, 0.1, 0.3))
+    return A, V
+
+# ---- rendering: cameras and pixels -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=128)
+def _disc(r10: int) -> np.ndarray:
+    """Offsets (in the drawing buffer's flat index) of the pixels of a filled disc of radius r10 / 10 pixels."""
+    r = r10 / 10
+    R = int(np.ceil(r))
+    dy, dx = np.mgrid[-R:R + 1, -R:R + 1]
+    keep = dx * dx + dy * dy <= r * r + 1e-9
+    return (dy[keep] * (WIDTH + 2 * BORDER) + dx[keep]).astype(np.int32)
+
+
+def _rgba(colour) -> int:
+    r, g, b = (int(np.clip(round(float(c)), 0, 255)) for c in colour)
+    return r | (g << 8) | (b << 16) | (255 << 24)
+
+
+BORDER = 16                   # off-frame margin of the drawing buffer (> twice the largest disc radius)
+_MAX_DISC = 7.0               # largest disc radius drawn (pixels)
+_LINSPACE: dict[int, np.ndarray] = {}
+
+
+def _stamp(flat: np.ndarray, base: np.ndarray, p0: np.ndarray, p1: np.ndarray, r_px: float, length_px: float,
+           colour: int) -> None:
+    """Draw a thick segment p0-p1 ([T, 2] pixels, one per frame) as discs stamped along it into the uint32
+    frames `flat` (each frame BORDER pixels larger on every side; base: each frame's offset). Disc centres are
+    clamped so that what lies off the frame lands in the border."""
+    r_px = min(r_px, _MAX_DISC)
+    n = 1 if length_px <= 0 else int(np.ceil(length_px / max(0.8, 0.9 * r_px))) + 1
+    if n == 1:
+        pts = p0[:, None, :]
+    else:
+        lin = _LINSPACE.get(n)
+        if lin is None:
+            lin = _LINSPACE.setdefault(n, np.linspace(0.0, 1.0, n, dtype=np.float32)[None, :, None])
+        pts = p0[:, None, :] + (p1 - p0)[:, None, :] * lin
+    c = np.rint(pts).astype(np.int32)
+    margin = BORDER - int(np.ceil(r_px))
+    cx = np.clip(c[..., 0], -margin, WIDTH - 1 + margin)
+    cy = np.clip(c[..., 1], -margin, HEIGHT - 1 + margin)
+    centre = base[:, None] + (cy + BORDER) * (WIDTH + 2 * BORDER) + (cx + BORDER)
+    flat[(centre[..., None] + _disc(int(round(r_px * 10)))).ravel()] = colour
+
+
+def _to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """uint8 [T, H, W, 3] RGB of uint32 RGBA pixels [T, H, W] (R in the low byte)."""
+    global _FAST_RGB
+    if _FAST_RGB is None:
+        probe = np.arange(2 * 3 * 5, dtype=np.uint32).reshape(2, 3, 5) * np.uint32(0x01030507) + np.uint32(11)
+        _FAST_RGB = sys.byteorder == "little" and np.array_equal(_fast_rgb(probe[:, :, 1:4]),
+                                                                 _slow_rgb(probe[:, :, 1:4]))
+    return _fast_rgb(rgba) if _FAST_RGB else _slow_rgb(rgba)
+
+
+def _fast_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Every pixel stored as 4 bytes at a 3-byte stride in increasing address order: each pixel's alpha byte is
+    then overwritten by the next pixel's red (numpy copies in order; _to_rgb checks it once against _slow_rgb)."""
+    t, h, w = rgba.shape
+    raw = np.empty(t * h * w * 3 + 1, np.uint8)
+    np.ndarray((t, h, w), dtype="<u4", buffer=raw, strides=(h * w * 3, w * 3, 3))[...] = rgba
+    return raw[:-1].reshape(t, h, w, 3)
+
+
+def _slow_rgb(rgba: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rgba.view(np.uint8).reshape(*rgba.shape, 4)[..., :3])
+
+
+_FAST_RGB: bool | None = None
+
+
+def _background(sc: _Scene, right: np.ndarray, depth: np.ndarray, scale: float, sin_el: float, light: float,
+                x0: float, y0: float, width: int, height: int) -> np.ndarray:
+    """uint32 canvas of the ground plane: mowing stripes, pitch lines, ad boards and stands beyond the touchline.
+    Canvas pixel (cx, cy) shows the ground point (cx + x0) / scale along `right`, -(cy + y0) / (scale sin_el) along
+    `depth`: a function of ground coordinates only, so any window of frames gets the same pixels."""
+    stripe_w, ang, gr, gg, gb, line_u, line_v, stands = (float(p) for p in sc.pitch)
+    e = np.array([np.cos(ang), np.sin(ang)])
+    eperp = np.array([-np.sin(ang), np.cos(ang)])
+    gx = (np.arange(width, dtype=np.float32) + np.float32(x0)) / np.float32(scale)
+    gy = -(np.arange(height, dtype=np.float32) + np.float32(y0)) / np.float32(scale * sin_el)
+    # u: along the pitch (stripes, a line across it); v: across it (a line along it, then the touchline).
+    u = gx[None, :] * np.float32(right @ e) + gy[:, None] * np.float32(depth @ e)
+    v = gx[None, :] * np.float32(right @ eperp) + gy[:, None] * np.float32(depth @ eperp)
+    grass = np.array([_rgba(np.array([gr, gg, gb]) * light * f) for f in (1.0, 1.08)], np.uint32)
+    img = grass[(np.floor(u * np.float32(1 / stripe_w)).astype(np.int32) & 1)]
+    img[(np.abs(u - np.float32(line_u)) < 0.07) | (np.abs(v - np.float32(line_v)) < 0.07)] = \
+        _rgba(np.array([235, 240, 235]) * light)
+    beyond = v > stands
+    if beyond.any():
+        ub, vb = u[beyond], v[beyond]
+        boards = np.array([_rgba(np.array(c) * light) for c in ((20, 40, 130), (230, 230, 230), (200, 40, 30))],
+                          np.uint32)
+        tones = np.array([_rgba(np.array(c) * light) for c in
+                          ((60, 60, 70), (90, 80, 80), (45, 50, 60), (120, 110, 100), (70, 75, 90))], np.uint32)
+        crowd = ((np.floor(ub / 0.6) * 7 + np.floor(vb / 0.6) * 13) % 5).astype(np.int64)
+        img[beyond] = np.where(vb < stands + 1.0, boards[(np.floor(ub / 5.0) % 3).astype(np.int64)], tones[crowd])
+    return img
+
+
+def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
+                 frames: tuple[int, ...] | None = None) -> np.ndarray:
+    """uint8 [T, HEIGHT, WIDTH, 3] frames of one camera's clip of the scene (all NUM_FRAMES, or `frames`)."""
+    cam = CAMERAS[view.camera]
+    # Per-view draws, a fixed number of them.
+    event = EVENT_FRAME + int(rng.integers(-EVENT_JITTER, EVENT_JITTER + 1))
+    yaw = np.radians(rng.uniform(*cam.angle)) * rng.choice([-1.0, 1.0]) + np.pi * int(rng.integers(2))
+    elevation = np.radians(cam.elevation + rng.uniform(-4.0, 4.0))
+    scale = PX_PER_M * cam.zoom * (0.8 + 0.2 * sc.gain) * rng.uniform(0.9, 1.1)
+    spread = 1.0 if cam.signal else 2.5                         # cameras that film something else
+    frame_x = rng.uniform(-0.25, 0.25) * WIDTH * spread       # where the foul is in the frame (not always centred)
+    frame_y = rng.uniform(-0.2, 0.2) * HEIGHT * spread + 0.9 * scale * np.cos(elevation)
+    light = rng.uniform(0.85, 1.1)
+    drift = rng.uniform(0, 2 * np.pi, 4)
+    occ = rng.random() < cam.occlusion
+    occ_draw = rng.uniform(0, 1, 5)
+    # Time: scene time tau in units of EVENT_HALF (slowed in replays); the event frame is appended to fix the
+    # drawing order, so that any window of frames is drawn like the full clip.
+    t = np.arange(NUM_FRAMES) if frames is None else np.asarray(frames)
+    tau = (np.append(t, event).astype(np.float64) - event) / (view.replay_speed * EVENT_HALF)
+    n = len(tau)
+    per_tau = EVENT_HALF / FPS                                  # seconds per unit of tau
+    A, V = _choreograph(sc, tau, sc.action if cam.signal else None)
+    figures = [(A, sc.kits[0], sc.skins[0]), (V, sc.kits[1], sc.skins[1])]
+    trav, m = _travel(tau)
+    for dx, dy, heading, speed, phase, kit, skin in sc.others:
+        dist = speed * per_tau * trav
+        x = dx + (sc.speed * per_tau * trav) * 0.6 + np.cos(heading) * dist   # loosely following the play
+        y = dy + np.sin(heading) * dist
+        pose = _run_pose(x, y, heading, phase + 2 * np.pi * dist / STRIDE, m * min(1.0, speed / 3))
+        figures.append((pose, sc.kits[int(kit)] if kit < 2 else REFEREE_KIT, sc.skins[int(skin)]))
+    right = np.array([np.cos(yaw), np.sin(yaw)])
+    depth = np.array([-np.sin(yaw), np.cos(yaw)])
+    # The camera follows the pair with a lag, plus a slow drift.
+    cam_tau = tau - sc.lag
+    cx = sc.speed * per_tau * _travel(cam_tau)[0] - sc.gap / 2 + CLUTTER * 0.5 * np.sin(0.3 * tau + drift[0])
+    cy = sc.lat / 2 + CLUTTER * 0.4 * np.sin(0.25 * tau + drift[1])
+    if occ:   # a player crossing between the camera and the foul, close to the camera
+        near = -(2.0 + 2.5 * occ_draw[0])
+        along = (occ_draw[1] - 0.5) * 1.2 + (occ_draw[2] * 2 - 1) * 4.0 * per_tau * (tau - (occ_draw[3] - 0.5) * 0.6)
+        ox = -sc.gap / 2 + sc.speed * per_tau * trav + right[0] * along + depth[0] * near
+        oy = sc.lat / 2 + right[1] * along + depth[1] * near
+        heading = np.arctan2(right[1], right[0]) + (0.0 if occ_draw[2] > 0.5 else np.pi)
+        figures.append((_run_pose(ox, oy, heading, 2 * np.pi * (along / STRIDE + occ_draw[4]), np.ones(n)),
+                        sc.kits[int(occ_draw[4] * 2)], sc.skins[5]))
+    sx_exact = scale * (cx * right[0] + cy * right[1])
+    sy_exact = -scale * np.sin(elevation) * (cx * depth[0] + cy * depth[1])
+    shift_x, shift_y = np.rint(sx_exact).astype(np.int64), np.rint(sy_exact).astype(np.int64)
+    sin_el, cos_el = float(np.sin(elevation)), float(np.cos(elevation))
+
+    def project(P: np.ndarray) -> np.ndarray:   # [n, ..., 3] world -> [n, ..., 2] pixels of the frame
+        gr = P[..., 0] * right[0] + P[..., 1] * right[1]
+        gd = P[..., 0] * depth[0] + P[..., 1] * depth[1]
+        shape = (n,) + (1,) * (P.ndim - 2)
+        px = WIDTH / 2 + frame_x + scale * gr - shift_x.reshape(shape)
+        py = HEIGHT / 2 + frame_y - scale * (P[..., 2] * cos_el + gd * sin_el) - shift_y.reshape(shape)
+        return np.stack([px, py], -1).astype(np.float32)
+
+    # Background: one canvas for the clip, each frame a window of it.
+    nt = len(t)
+    sx0, sy0 = int(shift_x[:nt].min()), int(shift_y[:nt].min())
+    bh, bw = HEIGHT + 2 * BORDER, WIDTH + 2 * BORDER
+    canvas = _background(sc, right, depth, scale, sin_el, light,
+                         x0=sx0 - BORDER - WIDTH / 2 - frame_x, y0=sy0 - BORDER - HEIGHT / 2 - frame_y,
+                         width=bw + int(shift_x[:nt].max()) - sx0, height=bh + int(shift_y[:nt].max()) - sy0)
+    buf = np.empty((nt, bh, bw), np.uint32)
+    for i in range(nt):
+        ox, oy = int(shift_x[i]) - sx0, int(shift_y[i]) - sy0
+        buf[i] = canvas[oy:oy + bh, ox:ox + bw]
+    flat = buf.reshape(-1)
+    base = np.arange(nt, dtype=np.int32) * np.int32(bh * bw)
+    # The ball rolls on ahead of the victim (whatever the class).
+    bx = sc.speed * per_tau * (trav + 0.5 * np.clip(tau + 0.5, 0.0, None) * (tau > -0.5)) + 0.5
+    ball = project(np.stack([bx, np.full(n, -0.05), np.full(n, 0.11)], -1))
+    items = [(float(((np.array([bx[-1], -0.05]) - [cx[-1], cy[-1]]) @ depth)), "ball", ball)]
+    for pose, kit, skin in figures:
+        J = _joints(pose)
+        rel = J[-1, PELVIS, :2] - [cx[-1], cy[-1]]
+        items.append((float(rel @ depth), "figure", (J, kit, skin)))
+    items.sort(key=lambda item: -item[0])              # far first
+    for _, kind, data in items:
+        if kind == "ball":
+            _stamp(flat, base, data[:nt], data[:nt], 0.11 * scale, 0.0, _rgba(np.array([245, 245, 245]) * light))
+            continue
+        J, kit, skin = data
+        P = project(J)
+        lo, hi = P[:nt].min(1), P[:nt].max(1)
+        pad = 0.2 * scale
+        vis = (hi[:, 0] > -pad) & (lo[:, 0] < WIDTH + pad) & (hi[:, 1] > -pad) & (lo[:, 1] < HEIGHT + pad)
+        if not vis.any():
+            continue
+        Pv, bv = P[:nt][vis], base[vis]
+        colours = [_rgba(c * light) for c in (*kit, skin)] + [_rgba(np.array(BOOT_COLOUR) * light)]
+        # The side of the body facing the camera is drawn last.
+        left_far = float((J[-1, L_SHOULDER, :2] - J[-1, R_SHOULDER, :2]) @ depth) > 0
+        far, near = ("l", "r") if left_far else ("r", "l")
+
+        def limb(name: str) -> None:
+            joints, lengths, _, kind_ = _LIMBS[name]
+            segments = _ARM_SEGMENTS if kind_ == "arm" else _LEG_SEGMENTS
+            for i0, i1, radius, slot in segments:
+                length = 0.0 if i0 == i1 else lengths[min(i0, i1)]
+                _stamp(flat, bv, Pv[:, joints[i0]], Pv[:, joints[i1]], radius * scale, length * scale,
+                       colours[slot])
+
+        limb(far + "l")
+        limb(far + "a")
+        for j0, j1, radius, slot in _CORE_SEGMENTS:
+            length = float(np.linalg.norm(J[0, j0] - J[0, j1]))
+            _stamp(flat, bv, Pv[:, j0], Pv[:, j1], radius * scale, length * scale, colours[slot])
+        limb(near + "l")
+        limb(near + "a")
+    return _to_rgb(buf[:, BORDER:-BORDER, BORDER:-BORDER])
 
 
 def render_view(look_action: int, look_severity: int, gain: float, view: ViewSpec,
                 rng: np.random.Generator, frames: tuple[int, ...] | None = None) -> np.ndarray:
-    """uint8 frames [T, HEIGHT, WIDTH, 3] of one view: all NUM_FRAMES, or only the frame indices `frames`
-    (the same pixels as in the full clip, for quick in-memory use)."""
-    _, view_gain, zoom = CAMERAS[view.camera]
-    g = gain * view_gain
-    t = np.arange(NUM_FRAMES, dtype=np.float32) if frames is None else np.asarray(frames, np.float32)
-    n = len(t)
-    event = EVENT_FRAME + int(rng.integers(-EVENT_JITTER, EVENT_JITTER + 1))
-    u = np.clip((t - event) / EVENT_HALF, -1.0, 1.0)
-    env = np.cos(np.pi * u / 2) ** 2                       # 0 outside the event, 1 at its peak
-    w = u / view.replay_speed                              # replays: the pattern runs slower
-    # Pitch: mowing stripes that pan with the camera; a few tones, as palette indices 0/1.
-    pan = _jitter(rng, -PAN_SPEED, PAN_SPEED) * t + _smooth_path(rng, t, 2.0)
-    stripe = _jitter(rng, 12, 22) / zoom
-    xs = np.arange(WIDTH, dtype=np.float32)
-    ys = np.arange(HEIGHT, dtype=np.float32)
-    index = ((np.floor((xs[None, :] + pan[:, None]) / stripe) % 2).astype(np.uint8))[:, None, :]
-    index = np.broadcast_to(index, (n, HEIGHT, WIDTH)).copy()
-    green = np.array([_jitter(rng, 50, 70), _jitter(rng, 125, 145), _jitter(rng, 50, 70)], np.float32)
-    palette = [np.broadcast_to(green, (n, 3)), np.broadcast_to(green * STRIPE_CONTRAST, (n, 3))]
-
-    def blob(cx: np.ndarray, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray, colour: np.ndarray) -> None:
-        fx = ((xs[None, :] - cx[:, None]) / rx[:, None]) ** 2
-        fy = ((ys[None, :] - cy[:, None]) / ry[:, None]) ** 2
-        rows, cols = np.flatnonzero((fy <= 1.0).any(0)), np.flatnonzero((fx <= 1.0).any(0))
-        if len(rows) and len(cols):     # only the band of rows/columns the blob ever covers
-            r, c = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-            mask = (fy[:, r, None] + fx[:, None, c]) <= 1.0
-            np.putmask(index[:, r, c], mask, len(palette))
-        palette.append(np.broadcast_to(colour, (n, 3)))
-
-    teams = rng.choice(len(TEAM_COLOURS), size=2, replace=False)
-    for k in range(2 + int(rng.random() < 0.5 * CLUTTER)):  # distractor players around a formation
-        cx = WIDTH * (0.15 + 0.35 * k) + _jitter(rng, -20, 20) + _smooth_path(rng, t, 14.0) - pan * 0.5
-        cy = HEIGHT * (0.25 if k % 2 == 0 else 0.75) + _jitter(rng, -10, 10) + _smooth_path(rng, t, 6.0)
-        r = np.full(n, rng.uniform(*DISTRACTOR_RADIUS) * zoom, np.float32)
-        blob(cx, cy, r, r, TEAM_COLOURS[teams[k % 2]] * _jitter(rng, 0.85, 1.15))
-    # The main player: a class-independent drift, plus the event's motion pattern.
-    vx, vy, sx, sy, stretch, partner = ACTION_PATTERNS[look_action]
-    sweep = np.sin(np.pi * w) * g * SWEEP_PX * zoom
-    shake = np.sin(2 * np.pi * SHAKE_CYCLES * w) * env * g * SHAKE_PX * zoom
-    cx = WIDTH / 2 + _jitter(rng, -12, 12) + _smooth_path(rng, t, 6.0) + vx * sweep + sx * shake
-    cy = HEIGHT / 2 + _jitter(rng, -6, 6) + _smooth_path(rng, t, 3.0) + vy * sweep + sy * shake
-    size = BLOB_RADIUS * zoom * _jitter(rng, 0.85, 1.15) * (1 + SEVERITY_GROWTH[look_severity] * g * env)
-    rx = size * (1 + stretch * 0.6 * g * env)
-    ry = size * (1 - stretch * 0.45 * g * env)
-    # The partner (holding): an opponent attached to the player's side while the event lasts.
-    side = rng.choice([-1.0, 1.0])
-    shown = env * g * partner > 0.2
-    blob(np.where(shown, cx + side * size * 1.1, -1000.0), cy, size, size,
-         TEAM_COLOURS[teams[1]] * _jitter(rng, 0.85, 1.15))
-    base = MAIN_COLOUR * _jitter(rng, 0.85, 1.15)
-    blend = (SEVERITY_BLEND[look_severity] * g * _jitter(rng, 0.8, 1.2) * env)[:, None]
-    colour = base[None, :] * (1 - blend) + SEVERITY_COLOURS[look_severity][None, :] * blend
-    blob(cx, cy, rx, ry, colour)
-    pal = np.clip(np.stack(palette, axis=1), 0, 255).astype(np.uint8)       # [T, K, 3]
-    flat = index.astype(np.int32) + (np.arange(n, dtype=np.int32) * pal.shape[1])[:, None, None]
-    return np.take(pal.reshape(-1, 3), flat, axis=0)
+    """uint8 frames [T, HEIGHT, WIDTH, 3] of one view of a fresh scene drawn from `rng`: all NUM_FRAMES, or only
+    the frame indices `frames` (the same pixels as in the full clip, for quick in-memory use)."""
+    return _render_view(_draw_scene(rng, look_action, look_severity, gain), view, rng, frames)
 
 
 def render_action(spec: ActionSpec, frames: tuple[int, ...] | None = None) -> list[np.ndarray]:
-    """Frames of every view of an action (deterministic for its seed); `frames`: only these indices."""
+    """Frames of every view of an action (deterministic for its seed): one scene, filmed by each of its cameras;
+    `frames`: only these indices."""
     rng = np.random.default_rng(spec.seed)
-    return [render_view(spec.look_action, spec.look_severity, spec.gain, view, rng, frames) for view in spec.views]
+    scene = _draw_scene(rng, spec.look_action, spec.look_severity, spec.gain)
+    return [_render_view(scene, view, rng, frames) for view in spec.views]
 
 
 def _write_action(job: tuple[Path, ActionSpec]) -> int:

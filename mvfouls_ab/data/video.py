@@ -23,6 +23,8 @@ import numpy as np
 
 from ..errors import VideoError, located
 
+RESIZE_MODES = ("squash", "crop")
+
 # Clips padded because they were shorter than the window: {"clips": n, "frames": n}. Process-wide.
 SHORT_CLIPS: Counter[str] = Counter()
 
@@ -35,18 +37,36 @@ class ClipWindow:
     end: int = 87            # last frame (inclusive)
     fps: int = 17            # nominal sampling rate inside the window (baseline: 17 of 25 fps -> 16 frames)
     num_frames: int = 16     # frames returned, spread evenly over [start, end]
-    size: int = 112          # frames are resized to size x size
+    size: int = 112          # output height (and width when width is 0)
+    width: int = 0           # output width; 0 = size (a square)
+    resize: str = "squash"   # squash: scale to height x width as is | crop: keep the aspect ratio, scale to cover
+                             # height x width, then crop the centre (398x224 -> 112x112 keeps the middle 224x224)
 
     def __post_init__(self) -> None:
         if not 0 <= self.start <= self.end:
             raise ValueError(f"ClipWindow needs 0 <= start <= end, got start={self.start} end={self.end}")
-        if self.num_frames < 1 or self.size < 1 or self.fps < 1:
-            raise ValueError(f"ClipWindow needs num_frames, size and fps >= 1, got {self}")
+        if self.num_frames < 1 or self.size < 1 or self.fps < 1 or self.width < 0:
+            raise ValueError(f"ClipWindow needs num_frames, size and fps >= 1 and width >= 0, got {self}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"ClipWindow resize={self.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+
+    @property
+    def height(self) -> int:
+        return self.size
+
+    @property
+    def out_width(self) -> int:
+        return self.width or self.size
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The decoded array's shape: [C=3, T, height, width]."""
+        return (3, self.num_frames, self.height, self.out_width)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ClipWindow:
         return cls(start=cfg.frame_start, end=cfg.frame_end, fps=cfg.fps, num_frames=cfg.num_frames,
-                   size=cfg.frame_size)
+                   size=cfg.frame_size, width=getattr(cfg, "frame_width", 0), resize=getattr(cfg, "resize", "squash"))
 
     @cached_property
     def indices(self) -> tuple[int, ...]:
@@ -55,7 +75,10 @@ class ClipWindow:
 
     @cached_property
     def _key(self) -> str:
-        return f"f{'-'.join(map(str, self.indices))}_s{self.size}"
+        key = f"f{'-'.join(map(str, self.indices))}_s{self.size}"
+        if (self.width, self.resize) != (0, "squash"):   # legacy keys unchanged for square squashed windows
+            key += f"x{self.out_width}_{self.resize}"
+        return key
 
     def key(self) -> str:
         """What determines the decoded array (used in cache keys)."""
@@ -65,6 +88,18 @@ class ClipWindow:
 def _open_error(path: Path, exc: Exception, action_id: str | None) -> VideoError:
     return VideoError(located(path, f"cannot decode the clip ({type(exc).__name__}: {exc})",
                               "the mp4 is corrupt or truncated: re-download or re-generate this clip", action_id))
+
+
+def _resized(frame: av.VideoFrame, window: ClipWindow) -> np.ndarray:
+    """One frame as uint8 RGB [height, width, 3] by the window's resize mode (libswscale does the scaling)."""
+    height, width = window.height, window.out_width
+    if window.resize == "squash" or frame.width * height == frame.height * width:
+        return frame.reformat(width=width, height=height, format="rgb24", interpolation="BILINEAR").to_ndarray()
+    scale = max(width / frame.width, height / frame.height)      # cover height x width, aspect kept
+    sw, sh = max(width, round(frame.width * scale)), max(height, round(frame.height * scale))
+    rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation="BILINEAR").to_ndarray()
+    top, left = (sh - height) // 2, (sw - width) // 2
+    return np.ascontiguousarray(rgb[top:top + height, left:left + width])
 
 
 def decode_frames(path: Path | str, window: ClipWindow, action_id: str | None = None) -> tuple[np.ndarray, int]:
@@ -92,15 +127,13 @@ def decode_frames(path: Path | str, window: ClipWindow, action_id: str | None = 
             for index, frame in enumerate(container.decode(stream)):
                 decoded = index + 1
                 if index in needed:
-                    picked[index] = frame.reformat(width=window.size, height=window.size, format="rgb24",
-                                                   interpolation="BILINEAR").to_ndarray()
+                    picked[index] = _resized(frame, window)
                 if index >= last:
                     break
                 prev = frame
             else:
                 if decoded and decoded - 1 not in picked:
-                    picked[decoded - 1] = prev.reformat(width=window.size, height=window.size, format="rgb24",
-                                                        interpolation="BILINEAR").to_ndarray()
+                    picked[decoded - 1] = _resized(prev, window)
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:

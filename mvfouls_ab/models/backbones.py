@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import TrainingConfig
 from ..errors import ConfigError, located
 
 # Kinetics-400 normalization used by every torchvision video model.
@@ -78,7 +79,12 @@ TORCHVISION_BACKBONES: dict[str, tuple[str, str, int]] = {
     "mvit_v2_s": ("mvit_v2_s", "head", 768),
 }
 MVIT_INPUT = (16, 224, 224)  # mvit_v2_s's positional embeddings are fixed to 16 frames of 224x224
-BACKBONE_NAMES = ("small3d", *TORCHVISION_BACKBONES)
+# Backbones whose torchvision weights were trained with another normalization than KINETICS_MEAN/STD (their
+# `weights.transforms()`): TorchvisionBackbone maps normalize_clips' output to it, so every caller normalizes alike.
+TORCHVISION_NORM: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mvit_v2_s": ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225)),
+}
+BACKBONE_NAMES = ("frame2d", "small3d", *TORCHVISION_BACKBONES)
 
 
 class TorchvisionBackbone(nn.Module):
@@ -89,25 +95,50 @@ class TorchvisionBackbone(nn.Module):
         self.name = name
         self.net = net
         self.out_dim = out_dim
+        # x_kinetics * scale + shift = the input normalized as this backbone's weights expect (None: as is)
+        self.renorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        if name in TORCHVISION_NORM:
+            mean, std = TORCHVISION_NORM[name]
+            self.renorm = (tuple(ks / s for ks, s in zip(KINETICS_STD, std)),
+                           tuple((km - m) / s for km, m, s in zip(KINETICS_MEAN, mean, std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.name == "mvit_v2_s":
-            check_input_size(self.name, x.shape[-3], x.shape[-1])
+            check_input_size(self.name, x.shape[-3], x.shape[-2], x.shape[-1])
+        if self.renorm is not None:
+            scale, shift = (torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1, 1) for v in self.renorm)
+            x = x * scale + shift
         return self.net(x).flatten(1)
 
 
-def check_input_size(name: str, num_frames: int, frame_size: int) -> None:
-    """mvit_v2_s only accepts 16 frames of 224x224; every other backbone takes any clip size."""
-    if name == "mvit_v2_s" and (num_frames, frame_size, frame_size) != MVIT_INPUT:
+def default_weights(name: str) -> tuple[str, str]:
+    """torchvision's DEFAULT weights of a torchvision backbone, without downloading them: (enum name, e.g.
+    'R2Plus1D_18_Weights.KINETICS400_V1', download URL)."""
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(TORCHVISION_BACKBONES[name][0]).DEFAULT
+    return str(weights), weights.url
+
+
+def check_input_size(name: str, num_frames: int, height: int, width: int = 0) -> None:
+    """mvit_v2_s only accepts 16 frames of 224x224 (width 0 = height, a square frame); every other backbone takes
+    any clip size."""
+    width = width or height
+    if name == "mvit_v2_s" and (num_frames, height, width) != MVIT_INPUT:
         raise ConfigError(located(f"backbone={name}", f"needs clips of 16 frames of 224x224, got {num_frames} "
-                                  f"frames of {frame_size}x{frame_size}", "set num_frames=16 and frame_size=224"))
+                                  f"frames of {width}x{height}",
+                                  "set num_frames=16 and frame_size=224 (and frame_width=0 or 224)"))
+
+
+def _check_loadable(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(located(path, "weights file not found",
+                                  "pass weights=none, weights=DEFAULT (needs network) or an existing state-dict file"))
 
 
 def _load_state(module: nn.Module, path: Path, classifier_prefixes: tuple[str, ...]) -> None:
     """Load a local state dict (or a checkpoint holding one), dropping classifier keys; clear error on mismatch."""
-    if not path.is_file():
-        raise ConfigError(located(path, "weights file not found",
-                                  "pass weights=none, weights=DEFAULT (needs network) or an existing state-dict file"))
+    _check_loadable(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
@@ -147,16 +178,31 @@ def _load_state(module: nn.Module, path: Path, classifier_prefixes: tuple[str, .
 
 
 def build_backbone(name: str, weights: str = "none", num_frames: int | None = None,
-                   frame_size: int | None = None) -> tuple[nn.Module, int]:
+                   frame_size: int | None = None, frame_width: int = 0, *,
+                   cnn_width: int = 16, seed: int = BACKBONE_SEED) -> tuple[nn.Module, int]:
     """Build a feature extractor mapping normalized float [N, 3, T, H, W] -> [N, D]; returns (module, D).
 
-    Give num_frames/frame_size to check the clip size up front (mvit_v2_s needs 16 x 224 x 224).
+    Give num_frames/frame_size (the height; frame_width, 0 = square) to check the clip size up front (mvit_v2_s
+    needs 16 x 224 x 224).
     """
     if name not in BACKBONE_NAMES:
         raise ConfigError(located(f"backbone={name}", "unknown backbone", f"use one of {', '.join(BACKBONE_NAMES)}"))
     if num_frames is not None and frame_size is not None:
-        check_input_size(name, num_frames, frame_size)
+        check_input_size(name, num_frames, frame_size, frame_width)
     weights = weights or "none"
+    if name == "frame2d":   # cnn_width: channels of its first block (cfg.rep_width); seed: its random init
+        from .frame2d import Frame2D
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = Frame2D(cnn_width)
+        if weights == "DEFAULT":
+            raise ConfigError(located("backbone=frame2d", "has no pretrained DEFAULT weights",
+                                      "use feature_mode=learned (the representation stage trains it), weights=none "
+                                      "or a local state-dict file"))
+        if weights != "none":
+            _load_state(module, Path(weights), ())
+        return module, module.out_dim
     if name == "small3d":
         with torch.random.fork_rng(devices=[]):  # the layers' default init draws from the global RNG
             module: nn.Module = Small3D()
@@ -175,17 +221,31 @@ def build_backbone(name: str, weights: str = "none", num_frames: int | None = No
         try:
             net = builder(weights="DEFAULT")
         except Exception as exc:  # noqa: BLE001 - offline download failures come in many types
+            url = default_weights(name)[1]
             raise ConfigError(located(f"backbone={name}", f"could not download torchvision's DEFAULT weights "
                                       f"({exc.__class__.__name__}: {exc})",
-                                      "pass weights=/path/to/state_dict.pth (a local file) or weights=none")) from None
-    else:
+                                      f"download {url} where there is network and pass weights=/path/to/that/file "
+                                      f"(a local file), or put it in $TORCH_HOME/hub/checkpoints/, or use "
+                                      f"weights=none")) from None
+    elif weights == "none":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(BACKBONE_SEED)
+            net = builder(weights=None)
+    else:  # a local file holds every tensor: skip the random init (~0.5 s for 30M parameters), allocate, load
+        with torch.device("meta"):
             net = builder(weights=None)
     setattr(net, attr, nn.Identity())  # s3d: classifier -> Identity, its forward then averages over (T, H, W)
     if name == "s3d":
         net.avgpool = nn.AdaptiveAvgPool3d(1)  # global average: any clip size (the fixed (2, 7, 7) needs 224px)
     module = TorchvisionBackbone(name, net, dim)
     if weights not in ("none", "DEFAULT"):
+        _check_loadable(Path(weights))
+        module.to_empty(device="cpu")   # every parameter and buffer is in the state dict: load_state_dict fills them
         _load_state(module, Path(weights), (attr + ".",))
     return module, dim
+
+
+def backbone_from_config(cfg: TrainingConfig, weights: str | None = None) -> tuple[nn.Module, int]:
+    """build_backbone with every setting read from a TrainingConfig (`weights` overrides cfg.weights)."""
+    return build_backbone(cfg.backbone, cfg.weights if weights is None else weights, cfg.num_frames, cfg.frame_size,
+                          cfg.frame_width, cnn_width=cfg.rep_width)

@@ -2,9 +2,12 @@
 
 `load_features(cfg, split, cache)` returns a `FeatureSet` for one split. The embeddings are stored in
 `<cache_dir>/features/<key>/<split>.npz`, where key hashes everything that determines them: the backbone, its
-weights (a local file by the sha1 of its bytes), the split's data fingerprint (action ids, clip files with size and
-modification time, view order), the frame window and frame size. Labels are not part of the file: they are read
-from the annotations on every call. Files are written to a temporary name and renamed (atomic).
+weights (a local file by the sha1 of its bytes, DEFAULT by the torchvision weights it names), the split's data
+fingerprint (action ids, clip files with size and modification time, view order), the frame window, frame size and
+resize mode. Labels are not part of the file: they are read from the annotations on every call. Files are written
+to a temporary name and renamed (atomic). The `pretrained` profile (config.PROFILES) uses this with a frozen
+Kinetics-400 torchvision backbone on CPU: a one-off extraction per data set, then every trial trains heads only
+(benchmarks/feature_extraction.py measures the cost).
 """
 from __future__ import annotations
 
@@ -24,9 +27,16 @@ from ..config import TrainingConfig
 from ..data.annotations import SplitAnnotations
 from ..data.dataset import MAX_VIEWS, ClipCache
 from ..data.video import ClipWindow
-from .backbones import BACKBONE_VERSION, build_backbone, normalize_clips
+from .backbones import (
+    BACKBONE_VERSION,
+    TORCHVISION_BACKBONES,
+    backbone_from_config,
+    default_weights,
+    normalize_clips,
+)
 
-FEATURE_BATCH = 32  # clips per backbone forward pass
+FEATURE_BATCH = 32  # clips per backbone forward pass (small CPU backbones)
+TORCHVISION_FEATURE_BATCH = 8  # torchvision video nets: ~same clips/s on CPU, a quarter of the activation memory
 
 
 @dataclass
@@ -71,7 +81,10 @@ def data_fingerprint(split: SplitAnnotations) -> str:
 def feature_key(cfg: TrainingConfig, split: SplitAnnotations) -> tuple[str, dict[str, str]]:
     """(short key, the values it hashes)."""
     window = ClipWindow.from_config(cfg)
-    parts = {"backbone": cfg.backbone, "backbone_version": BACKBONE_VERSION, "weights": weights_id(cfg.weights),
+    weights = weights_id(cfg.weights)
+    if weights == "DEFAULT" and cfg.backbone in TORCHVISION_BACKBONES:   # which weights DEFAULT names today
+        weights = f"DEFAULT:{default_weights(cfg.backbone)[0]}"
+    parts = {"backbone": cfg.backbone, "backbone_version": BACKBONE_VERSION, "weights": weights,
              "data": data_fingerprint(split), "window": window.key()}
     key = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return f"{cfg.backbone}-{key}", parts
@@ -94,8 +107,9 @@ def compute_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCa
     window = ClipWindow.from_config(cfg)
     cache.warm(split.actions, window, workers=cfg.num_workers, progress=progress)  # decode misses in parallel
     device = _device(cfg)
-    backbone, dim = build_backbone(cfg.backbone, cfg.weights, cfg.num_frames, cfg.frame_size)
+    backbone, dim = backbone_from_config(cfg)
     backbone.to(device).eval()
+    step = TORCHVISION_FEATURE_BATCH if cfg.backbone in TORCHVISION_BACKBONES else FEATURE_BATCH
     width = max([MAX_VIEWS, *(len(a.clips) for a in split.actions)])
     feats = np.zeros((len(split.actions), width, dim), np.float32)
     mask = np.zeros((len(split.actions), width), bool)
@@ -103,8 +117,8 @@ def compute_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCa
             for v, clip in enumerate(action.clips)]
     bar = tqdm(total=len(jobs), desc=f"{split.split} features ({cfg.backbone})", unit="clip", disable=not progress)
     with torch.inference_mode():
-        for start in range(0, len(jobs), FEATURE_BATCH):
-            batch = jobs[start:start + FEATURE_BATCH]
+        for start in range(0, len(jobs), step):
+            batch = jobs[start:start + step]
             clips = torch.from_numpy(np.stack([cache.get(clip, window, aid) for _, _, clip, aid in batch]))
             out = backbone(normalize_clips(clips.to(device))).float().cpu().numpy()
             for (i, v, _, _), row in zip(batch, out):
@@ -161,6 +175,7 @@ def load_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCache
                 loaded = compute_features(cfg, split, cache, progress)
                 _save(path, feats=loaded[0], view_mask=loaded[1], action_ids=np.array(action_ids, dtype=str))
                 _write_meta(path.parent / "meta.json", {**parts, "frame_size": cfg.frame_size,
+                                                        "frame_width": cfg.frame_width, "resize": cfg.resize,
                                                         "num_frames": cfg.num_frames})
     feats, mask = loaded
     targets = split.targets()

@@ -26,7 +26,7 @@ from ..config import TrainingConfig
 from ..errors import ConfigError, located
 from ..labels import NUM_CLASSES
 from .aggregation import AttentionPool, ViewAttention, masked_mean
-from .backbones import build_backbone, normalize_clips
+from .backbones import backbone_from_config, build_backbone, normalize_clips
 
 HeadBuilder = Callable[[TrainingConfig, int], nn.Module]
 VARIANT_REGISTRY: dict[str, HeadBuilder] = {}
@@ -226,9 +226,9 @@ def build_model(cfg: TrainingConfig) -> MVFoulsModel:
     if cfg.variant not in VARIANT_REGISTRY:
         raise ConfigError(located(f"variant={cfg.variant}", "unknown variant",
                                   f"use one of {', '.join(VARIANT_REGISTRY)}"))
-    backbone, dim = build_backbone(cfg.backbone, cfg.weights, cfg.num_frames, cfg.frame_size)
+    backbone, dim = backbone_from_config(cfg)
     head = VARIANT_REGISTRY[cfg.variant](cfg, dim)
-    return MVFoulsModel(backbone, head, dim, frozen=cfg.feature_mode == "frozen", variant=cfg.variant)
+    return MVFoulsModel(backbone, head, dim, frozen=cfg.feature_mode != "end_to_end", variant=cfg.variant)
 
 
 def set_complexity(model: MVFoulsModel, level: int) -> None:

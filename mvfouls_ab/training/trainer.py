@@ -1,18 +1,21 @@
-"""The three-phase trainer. Reads top to bottom: Trainer.run() is the whole story.
+"""The three-phase trainer. Trainer.run() is the whole story, top to bottom:
 
-  for each phase of phase_plan(cfg):                    (phases are data: training/phases.py)
+  sources = build_sources(cfg, data)        train (fit part) / holdout / valid / test (/ chall): cached embeddings
+                                            (frozen or learned by the representation stage) or clips (end to end)
+  for each phase of phase_plan(cfg):        (phases are data: training/phases.py)
       set up the phase: training pool (balanced subset / full / + pseudo-labels), capped class weights
-      (targeted in phase 3), curriculum difficulty from a scoring pass, a fresh AdamW + scheduler
+      (targeted in phase 3 at classes still weak on the held-out part of Train), curriculum difficulty from a
+      scoring pass, a fresh AdamW + scheduler
       for each epoch:
-          snapshot (the last stable state) -> train one epoch -> evaluate Valid -> DetailedMetrics
+          sample the epoch's order -> train one epoch -> evaluate Valid -> DetailedMetrics
           StabilityGuard: NaN / spike -> rollback + LR backoff (or fallback variant); OOM -> smaller batch
-          checkpoint (atomic), then the sinks (a sink may raise optuna.TrialPruned; it propagates)
+          checkpoint (atomic), then the sinks (a sink may raise optuna.TrialPruned; it propagates), then a
+          requested graceful stop (shutdown.GracefulStop) takes effect
   select the best epoch on Valid, choose the post-hoc logit-adjustment tau on Valid,
   predict Valid / Test (/ Chall), write the official prediction files and the official metrics.
 
-Two feature modes: "frozen" trains what sits above the backbone on cached per-view embeddings held as tensors in
-memory (vectorized batches, no DataLoader); "end_to_end" feeds clips through the backbone (backbone LR multiplier
-per phase). One seeded torch.Generator and one numpy Generator per run: same seed, same CPU metrics.
+The loop never asks which feature mode it is in: a Source yields (forward thunk, targets) batches
+(training/sources.py). One seeded torch.Generator and one numpy Generator per run: same seed, same CPU metrics.
 """
 from __future__ import annotations
 
@@ -31,18 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import labels
+from .. import labels, shutdown
 from ..config import TrainingConfig
 from ..errors import MVFoulsError, located
 from . import checkpoint as ckpt
 from .losses import multitask_loss
 from .phases import PhaseSpec, phase_plan
+from .sources import Source, Sources, build_sources
 from .stability import Event, StabilityGuard
 
 TASKS = ("action", "severity")
-EVAL_BATCH = 4096          # frozen mode: evaluation in a few big batches
-FEATURE_NOISE = 0.1        # frozen mode: gaussian noise std = FEATURE_NOISE * aug_strength (standardized features)
-VIEW_DROP = 0.25           # frozen mode: each extra view dropped with prob VIEW_DROP * aug_strength
 
 
 class _Diverged(Exception):
@@ -55,23 +56,6 @@ class _Diverged(Exception):
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
-
-
-@dataclass
-class Source:
-    """One split as the trainer sees it: labels, and either cached features or clip datasets."""
-
-    name: str
-    action_ids: list[str]
-    targets: dict[str, np.ndarray]                  # task -> int64 [N], -1 unknown
-    feats: torch.Tensor | None = None               # frozen: [N, 4, D]
-    mask: torch.Tensor | None = None                # frozen: [N, 4]
-    train_ds: Any = None                            # end_to_end: k random views per action
-    eval_ds: Any = None                             # end_to_end: all views
-    annotations_path: Path | None = None
-
-    def __len__(self) -> int:
-        return len(self.action_ids)
 
 
 @dataclass
@@ -88,18 +72,23 @@ class RunResult:
     run_dir: Path
     variant: str = ""
     parameters: dict[str, int] = field(default_factory=dict)  # models.count_parameters of the final model
+    # What a saved model needs: backbone_weights (file / "none" / "DEFAULT"), feature_key, feature_norm
+    # ({"mean", "std"} tensors or None), ensemble (checkpoint paths, best first), train_counts, representation.
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
     def __init__(self, cfg: TrainingConfig, data: Any, sinks: list[Any] | None = None,
-                 run_dir: Path | str = "runs/run", resume: bool = True) -> None:
+                 run_dir: Path | str = "runs/run", resume: bool = True, progress: bool = True,
+                 representation_log: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.cfg = cfg
         self.data = data
         self.sinks = list(sinks or [])
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume = resume
+        self.progress = progress
+        self.representation_log = representation_log   # per-epoch metrics of the representation stage, if it runs
         self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                                    else "cpu")
         self.amp = cfg.amp and self.device.type == "cuda"
@@ -124,16 +113,14 @@ class Trainer:
         if not self.plan:
             raise MVFoulsError(located("config", "every phase has 0 epochs", "set phase1_epochs (and others) > 0"))
 
-        self.sources = self._load_sources()
+        self.inputs: Sources = build_sources(cfg, self.data, self.progress, self.representation_log)
+        self.sources = self.inputs.splits
         train = self.sources["train"]
+        assert train is not None
         self.train_counts = {t: np.bincount(train.targets[t][train.targets[t] >= 0],
                                             minlength=labels.NUM_CLASSES[t]) for t in TASKS}
-        if self.cfg.feature_mode == "frozen":   # standardize each embedding dimension with Train's statistics
-            views = train.feats[train.mask]
-            mean, std = views.mean(dim=0), views.std(dim=0).clamp_min(1e-6)
-            for src in self.sources.values():
-                if src is not None:
-                    src.feats = ((src.feats - mean) / std).masked_fill(~src.mask.unsqueeze(-1), 0.0)
+        self.trains_backbone = train.trains_backbone
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None   # one per run, checkpointed
 
         self.variant, self.complexity = cfg.variant, cfg.complexity_level
         self.model = self._build_model(self.variant, self.complexity)
@@ -174,6 +161,8 @@ class Trainer:
                 self._update_best(record)
                 self._save_checkpoint(pi, e + 1)
                 self.monitor.log(record)   # may raise optuna.TrialPruned: the checkpoint is already written
+                if shutdown.requested():   # SIGTERM/SIGINT: stop here; any worker resumes from this checkpoint
+                    raise shutdown.GracefulStop(f"stopped after epoch {self.global_epoch} ({self.run_dir})")
         return self._finish()
 
     # ---- one epoch, guarded -------------------------------------------------------------------------
@@ -257,17 +246,18 @@ class Trainer:
     def _train_epoch(self, spec: PhaseSpec, e: int) -> tuple[float, float, int]:
         cfg, guard, model = self.cfg, self.guard, self.model
         order = self._epoch_order(spec, e)
-        pool = self.pool_source
         bs, accum = guard.batch_size, guard.grad_accum
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total, seen, norms = 0.0, 0, []
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        scaler = self.scaler
         n_batches = math.ceil(len(order) / bs)
-        for i, (out_fn, y) in enumerate(self._train_batches(pool, order, bs, spec.aug_strength, e)):
+        batches = self.pool_source.train_batches(order, bs, spec.aug_strength, cfg.train_views, self.gen,
+                                                 self.device, self.global_epoch)
+        for i, (forward, y) in enumerate(batches):
             with torch.autocast(self.device.type, enabled=self.amp):
-                out = out_fn()
+                out = forward(model)
                 loss, _ = multitask_loss(self.losses, {t: out[t].float() for t in TASKS}, y, cfg)
             if self.step_hook is not None:
                 loss = self.step_hook({"phase": spec.number, "epoch": self.global_epoch, "step": guard.step,
@@ -318,62 +308,6 @@ class Trainer:
             return self.np_rng.permutation(candidates)
         return self.np_rng.choice(candidates, size=len(candidates), replace=True, p=w / w.sum())
 
-    def _train_batches(self, src: Source, order: np.ndarray, bs: int, aug: float, e: int):
-        """Yields (forward thunk, targets) per batch; the thunk runs the model so OOM surfaces in the loop."""
-        dev = self.device
-        if self.cfg.feature_mode == "frozen":
-            for s in range(0, len(order), bs):
-                idx = torch.from_numpy(order[s:s + bs])
-                x, m = self._augment_features(src.feats[idx], src.mask[idx], aug)
-                x, m = x.to(dev), m.to(dev)
-                y = {t: torch.from_numpy(src.targets[t][order[s:s + bs]]).to(dev) for t in TASKS}
-                yield (lambda x=x, m=m: self.model.forward_features(x, m)), y
-            return
-        from torch.utils.data import DataLoader, Subset
-
-        src.train_ds.set_epoch(self.global_epoch)
-        loader = DataLoader(Subset(src.train_ds, order.tolist()), batch_size=bs, shuffle=False,
-                            num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory)
-        for s, batch in zip(range(0, len(order), bs), loader):
-            y = {t: torch.from_numpy(src.targets[t][order[s:s + bs]]).to(dev) for t in TASKS}
-            clips = self._augment_clips(batch["clips"].to(dev, non_blocking=True), aug)
-            mask = batch["view_mask"].to(dev)
-            yield (lambda c=clips, m=mask: self.model(c, m)), y
-
-    def _augment_features(self, x: torch.Tensor, m: torch.Tensor, aug: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """k random views per action, then view dropout and gaussian noise scaled by aug_strength."""
-        g = self.gen
-        r = torch.rand(m.shape, generator=g)
-        r[~m] = 2.0
-        rank = r.argsort(dim=1).argsort(dim=1)
-        keep = m & (rank < self.cfg.train_views)
-        if aug > 0:
-            drop = (torch.rand(m.shape, generator=g) < VIEW_DROP * aug) & (rank > 0)  # never the first kept view
-            keep = keep & ~drop
-            x = x + torch.randn(x.shape, generator=g) * (FEATURE_NOISE * aug)   # features are standardized
-        return x, keep
-
-    def _augment_clips(self, clips: torch.Tensor, aug: float) -> torch.Tensor:
-        """uint8 [B,V,C,T,H,W] -> normalized float; with aug > 0: flips, random crops (resized back), brightness."""
-        from ..models.backbones import normalize_clips
-
-        x = normalize_clips(clips)
-        if aug <= 0:
-            return x
-        b, v, c, t, h, w = x.shape
-        g = self.gen
-        flip = (torch.rand(b, generator=g) < 0.5 * min(aug, 1.0)).to(x.device)
-        x = torch.where(flip.view(b, 1, 1, 1, 1, 1), x.flip(-1), x)
-        scale = 1.0 - 0.2 * min(aug, 1.0) * float(torch.rand(1, generator=g))
-        ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
-        top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-        if (ch, cw) != (h, w):
-            crop = x[..., top:top + ch, left:left + cw].reshape(b * v * c, t, ch, cw)
-            x = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False).reshape(b, v, c, t, h, w)
-        shift = (torch.rand(b, generator=g) * 2 - 1).to(x.device) * (0.4 * aug)
-        return x + shift.view(b, 1, 1, 1, 1, 1)
-
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _predict(self, src: Source, with_loss: bool = False, model: nn.Module | None = None
@@ -382,23 +316,11 @@ class Trainer:
         model = model or self.model
         model.eval()
         outs: dict[str, list[torch.Tensor]] = {t: [] for t in TASKS}
-        if self.cfg.feature_mode == "frozen":
-            for s in range(0, len(src), EVAL_BATCH):
-                o = model.forward_features(src.feats[s:s + EVAL_BATCH].to(self.device),
-                                           src.mask[s:s + EVAL_BATCH].to(self.device))
-                for t in TASKS:
-                    outs[t].append(o[t].float().cpu())
-        else:
-            from torch.utils.data import DataLoader
-
-            loader = DataLoader(src.eval_ds, batch_size=max(1, self.guard.batch_size), shuffle=False,
-                                num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory)
-            for batch in loader:
-                with torch.autocast(self.device.type, enabled=self.amp):
-                    o = model(self._augment_clips(batch["clips"].to(self.device), 0.0),
-                              batch["view_mask"].to(self.device))
-                for t in TASKS:
-                    outs[t].append(o[t].float().cpu())
+        for forward in src.eval_batches(self.guard.batch_size, self.device):
+            with torch.autocast(self.device.type, enabled=self.amp):
+                o = forward(model)
+            for t in TASKS:
+                outs[t].append(o[t].float().cpu())
         logits = {t: torch.cat(outs[t]) for t in TASKS}
         loss = float("nan")
         if with_loss:
@@ -458,14 +380,15 @@ class Trainer:
         ps["pool"] = pool
         counts = {t: np.bincount(y[t][pool], minlength=labels.NUM_CLASSES[t]) for t in TASKS}
         ps["counts"] = counts
-        if spec.targeted and self.history:
-            recalls = {t: np.nan_to_num(np.asarray(getattr(self.history[-1], f"{t}_per_class_recall"), float),
-                                        nan=1.0) for t in TASKS}
+        if spec.targeted and self.history:   # weak classes measured on held-out Train, never on Valid
+            judge = self.sources.get("holdout") or self.pool_source.subset(pool)
+            recalls = {t: np.nan_to_num(np.asarray(r, float), nan=1.0)
+                       for t, r in self._recalls(self._predict(judge)[0], judge.targets).items()}
             ps["weights"] = {t: np.asarray(targeted_weights(counts[t], recalls[t], spec.cap), float) for t in TASKS}
         else:
             ps["weights"] = {t: np.asarray(class_weights(counts[t], spec.cap), float) for t in TASKS}
         if spec.curriculum:
-            logits, _ = self._predict(self._subset_source(self.pool_source, pool))
+            logits, _ = self._predict(self.pool_source.subset(pool))
             ps["difficulty"] = np.asarray(difficulty(logits, {t: y[t][pool] for t in TASKS},
                                                      score=cfg.curriculum_score))
         self.phase_state = ps
@@ -495,31 +418,8 @@ class Trainer:
             self.pool_source = train
             return
         chall, idx = self.sources["chall"], pseudo["index"]
-        targets = {t: np.concatenate([train.targets[t], pseudo[t]]) for t in TASKS}
-        ids = train.action_ids + [chall.action_ids[i] for i in idx]
-        if self.cfg.feature_mode == "frozen":
-            t_idx = torch.from_numpy(idx)
-            self.pool_source = Source("train+pseudo", ids, targets, torch.cat([train.feats, chall.feats[t_idx]]),
-                                      torch.cat([train.mask, chall.mask[t_idx]]))
-        else:
-            from torch.utils.data import ConcatDataset, Subset
-
-            class _Both(ConcatDataset):
-                def set_epoch(self, epoch: int) -> None:
-                    train.train_ds.set_epoch(epoch)
-                    chall.train_ds.set_epoch(epoch)
-
-            both = _Both([train.train_ds, Subset(chall.train_ds, idx.tolist())])
-            self.pool_source = Source("train+pseudo", ids, targets, train_ds=both)
-
-    @staticmethod
-    def _subset_source(src: Source, idx: np.ndarray) -> Source:
-        from torch.utils.data import Subset
-
-        t_idx = torch.from_numpy(idx)
-        return Source(src.name, [src.action_ids[i] for i in idx], {t: src.targets[t][idx] for t in TASKS},
-                      None if src.feats is None else src.feats[t_idx], None if src.mask is None else src.mask[t_idx],
-                      eval_ds=None if src.train_ds is None else Subset(src.eval_ds or src.train_ds, idx.tolist()))
+        assert chall is not None
+        self.pool_source = train.concat(chall, idx, {t: pseudo[t] for t in TASKS})
 
     # ---- model and optimizer -------------------------------------------------------------------------
     def _build_model(self, variant: str, complexity: int) -> nn.Module:
@@ -528,7 +428,7 @@ class Trainer:
         model = build_model(self.cfg.replace(variant=variant, complexity_level=complexity))
         if variant == "progressive":
             set_complexity(model, complexity)
-        if self.cfg.feature_mode == "frozen":
+        if not self.trains_backbone:
             for p in model.backbone.parameters():
                 p.requires_grad_(False)
         return model.to(self.device)
@@ -539,7 +439,7 @@ class Trainer:
         backbone = {id(p) for p in self.model.backbone.parameters()}
         head = [p for p in self.model.parameters() if id(p) not in backbone and p.requires_grad]
         groups = [{"params": head, "lr": spec.lr * scale}]
-        if cfg.feature_mode == "end_to_end" and spec.backbone_lr_mult > 0:
+        if self.trains_backbone and spec.backbone_lr_mult > 0:
             groups.append({"params": list(self.model.backbone.parameters()),
                            "lr": spec.lr * spec.backbone_lr_mult * scale})
         # fused: one kernel per step over all parameters instead of a Python loop per tensor (~1 ms of ~10 ms per
@@ -586,6 +486,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self._sched_state(), "guard": self.guard.state_dict(), "phase_state": self.phase_state,
             "rng": ckpt.rng_state(self.gen, self.np_rng), "history": self.history, "top": self.top,
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
         ckpt.save_atomic(state, self.ckpt_dir / ckpt.LAST)
         # metrics.jsonl mirrors the checkpoint's history: rewritten after a resume, then one line appended per epoch
@@ -615,6 +516,8 @@ class Trainer:
         self._build_losses(spec)
         self.optimizer, self.scheduler = self._make_optimizer(spec)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"], self.gen, self.np_rng)
@@ -674,57 +577,12 @@ class Trainer:
         return RunResult(best=best, history=self.history, checkpoint=Path(self.top[0]["path"]),
                          predictions=predictions, official=official, per_class_recall=per_class, logits=final,
                          taus=taus, events=[e.to_dict() for e in self.guard.events], run_dir=self.run_dir,
-                         variant=self.variant, parameters=count_parameters(self.model))
-
-    # ---- data ----------------------------------------------------------------------------------------
-    def _load_sources(self) -> dict[str, Source | None]:
-        data = self.data
-        splits = {"train": data.train, "valid": data.valid, "test": data.test, "chall": getattr(data, "chall", None)}
-        out: dict[str, Source | None] = {}
-        for name, split in splits.items():
-            if split is None or len(split) == 0:
-                out[name] = None
-                continue
-            src = Source(name, [a.action_id for a in split.actions], split.targets(),
-                         annotations_path=split.annotations_path)
-            if self.cfg.feature_mode == "frozen":
-                fs = self._features(split)
-                src.feats = torch.as_tensor(np.asarray(fs.feats), dtype=torch.float32)
-                src.mask = torch.as_tensor(np.asarray(fs.view_mask), dtype=torch.bool)
-            else:
-                src.train_ds, src.eval_ds = self._datasets(split)
-            out[name] = src
-        for name in ("train", "valid", "test"):
-            if out[name] is None:
-                raise MVFoulsError(located(getattr(data, "root", "data"), f"the {name} split is empty",
-                                           "check the data folder (Train/, Valid/, Test/ with annotations.json)"))
-        return out
-
-    def _clip_cache(self) -> Any:
-        cache = getattr(self.data, "cache", None)
-        if cache is None:
-            from ..data.dataset import ClipCache, default_cache_dir
-
-            cache = ClipCache(default_cache_dir(self.cfg))
-            self.data.cache = cache
-        return cache
-
-    def _features(self, split: Any) -> Any:
-        from ..models.features import load_features
-
-        return load_features(self.cfg, split, self._clip_cache())
-
-    def _datasets(self, split: Any) -> tuple[Any, Any]:
-        from ..data.dataset import MultiViewDataset
-        from ..data.video import ClipWindow
-
-        window, cache = ClipWindow.from_config(self.cfg), self._clip_cache()
-        # Decode what is missing once and consolidate the split into one memory-mapped pack: every later epoch
-        # reads each clip window as a slice of it (benchmarks/data_pipeline.py).
-        cache.pack(split.actions, window, workers=int(self.cfg.num_workers))
-        return (MultiViewDataset(split, window, cache, views=self.cfg.train_views, seed=self.cfg.seed),
-                MultiViewDataset(split, window, cache, views=None, seed=self.cfg.seed))
-
+                         variant=self.variant, parameters=count_parameters(self.model),
+                         extras={"backbone_weights": self.inputs.weights, "feature_key": self.inputs.feature_key,
+                                 "feature_norm": self.inputs.feature_norm,
+                                 "ensemble": [Path(e["path"]) for e in self.top],
+                                 "train_counts": {t: c.tolist() for t, c in self.train_counts.items()},
+                                 "representation": self.inputs.representation})
 
 def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
