@@ -11,7 +11,9 @@ with the `pretrained` profile's window (frames 63..87, 16 frames, aspect-preserv
 112x112; 224x224 for mvit_v2_s):
 
   decode      decode_clip (PyAV decode + crop of the window), one process, clips/s
-  forward     the backbone on already-decoded clips in memory (models.features' batch size; one warm-up batch first)
+  forward     the backbone on already-decoded clips in memory (models.features' batch size; one warm-up batch
+              first): fp32 as is, fp32 channels-last 3D, and bf16 autocast + channels-last where the CPU has native
+              bfloat16 (what models.features uses for torchvision backbones, `feature_precision`)
   end to end  models.features.load_features on a cold cache: build the backbone from the weights file (sha1 of the
               file included), decode the clips (ClipCache.warm, `--workers` processes), run the backbone, write the
               feature cache: what `--profile pretrained` pays once per data set
@@ -41,7 +43,12 @@ from mvfouls_ab.data.annotations import load_split
 from mvfouls_ab.data.dataset import ClipCache
 from mvfouls_ab.data.video import ClipWindow, decode_clip, write_clip
 from mvfouls_ab.models.backbones import TORCHVISION_BACKBONES, build_backbone, normalize_clips
-from mvfouls_ab.models.features import FEATURE_BATCH, TORCHVISION_FEATURE_BATCH, load_features
+from mvfouls_ab.models.features import (
+    FEATURE_BATCH,
+    TORCHVISION_FEATURE_BATCH,
+    feature_precision,
+    load_features,
+)
 
 REAL_CLIPS = 8_900  # clips of the real release, all splits
 
@@ -89,7 +96,7 @@ def line(label: str, clips: int, wall: float, cpu: float, threads: int) -> dict[
     cores = min(threads, os.cpu_count() or 1)
     rate, cpu_per = clips / wall, cpu / clips
     minutes, idle = 1000 / rate / 60, 1000 * cpu_per / cores / 60
-    print(f"  {label:<11} {rate:8.2f} clips/s | {cpu_per:7.3f} CPU s/clip | per 1,000 clips {minutes:6.1f} min "
+    print(f"  {label:<17} {rate:8.2f} clips/s | {cpu_per:7.3f} CPU s/clip | per 1,000 clips {minutes:6.1f} min "
           f"measured, {idle:6.1f} min on {cores} idle core(s)")
     return {"clips_s": rate, "cpu_s_per_clip": cpu_per, "min_per_1000": minutes, "min_per_1000_idle": idle}
 
@@ -119,18 +126,29 @@ def measure(name: str, root: Path, work: Path, args: argparse.Namespace) -> dict
     result["decode"] = line("decode", len(paths), wall, cpu, 1)
     (backbone, _), wall, _ = timed(lambda: build_backbone(name, weights, cfg.num_frames, cfg.frame_size,
                                                           cfg.frame_width))
-    print(f"  {'load':<11} {wall:8.2f} s to build the backbone from its weights file")
+    print(f"  {'load':<17} {wall:8.2f} s to build the backbone from its weights file")
     backbone.eval()
     step = TORCHVISION_FEATURE_BATCH if name in TORCHVISION_BACKBONES else FEATURE_BATCH
     clips = torch.from_numpy(np.stack(decoded))
-    with torch.inference_mode():
-        backbone(normalize_clips(clips[:min(step, 2)]))   # warm-up
-        _, wall, cpu = timed(lambda: [backbone(normalize_clips(clips[i:i + step]))
-                                      for i in range(0, len(clips), step)])
-    result["forward"] = line("forward", len(paths), wall, cpu, args.threads)
+    precision = feature_precision(cfg)
+    variants = [("forward", torch.contiguous_format, False)]
+    if name in TORCHVISION_BACKBONES:   # what compute_features does: channels-last 3D, bf16 autocast if chosen
+        variants = [("fp32 plain", torch.contiguous_format, False), ("fp32 cl3d", torch.channels_last_3d, False)]
+        if precision == "bf16":
+            variants.append(("bf16 cl3d", torch.channels_last_3d, True))
+    for label, layout, bf16 in variants:
+        backbone.to(memory_format=layout)
+
+        def forward(x: torch.Tensor, layout=layout) -> torch.Tensor:
+            return backbone(normalize_clips(x).contiguous(memory_format=layout))
+
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            forward(clips[:min(step, 2)])   # warm-up
+            _, wall, cpu = timed(lambda: [forward(clips[i:i + step]) for i in range(0, len(clips), step)])
+        result[label] = line(label, len(paths), wall, cpu, args.threads)
     fs, wall, cpu = timed(lambda: load_features(cfg, split, ClipCache(cfg.cache_dir), progress=False))
     assert fs.computed
-    result["end_to_end"] = line("end to end", len(paths), wall, cpu, args.threads)
+    result["end_to_end"] = line(f"end to end ({precision})", len(paths), wall, cpu, args.threads)
     return result
 
 

@@ -42,7 +42,7 @@ from .errors import MVFoulsError, located
 from .labels import ACTION_CLASSES, SEVERITY_CLASSES, SEVERITY_PREDICTION_STRINGS, TASKS
 
 # MLflow suggests type hints on PythonModel.predict (its signature is given explicitly here instead).
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 PACK_VERSION = 1
 MODEL_NAME = "model"                 # the logged model's name in its run (runs:/<id>/model)
@@ -448,13 +448,15 @@ class ModelPack:
 
     def predict(self, actions: list[Any], split: str = "input", root: Path | str = ".", cache_dir: str = "",
                 device: str = "auto", check_video: bool = True, progress: bool = True) -> Prediction:
-        """The trainer's final prediction for `actions` (Action records with their clips)."""
+        """The trainer's final prediction for `actions` (Action records with their clips): the same sources and
+        evaluation batches (training/sources.py), the mean of the members' logits, the post-hoc adjustment."""
         import torch
 
         from .data.annotations import SplitAnnotations
-        from .data.dataset import ClipCache, default_cache_dir
+        from .data.dataset import ClipCache, MultiViewDataset, default_cache_dir
+        from .data.video import ClipWindow
         from .training.losses import posthoc_adjust
-        from .training.trainer import EVAL_BATCH
+        from .training.sources import ClipSource, FeatureSource
 
         self.check_code()
         if check_video:
@@ -463,53 +465,39 @@ class ModelPack:
         cfg = self.cfg.replace(cache_dir=cache_dir or "")
         sa = SplitAnnotations(split, Path(os.path.abspath(root)), list(actions), {}, len(actions))
         cache = ClipCache(default_cache_dir(cfg))
+        base = {"name": split, "action_ids": [a.action_id for a in actions], "targets": sa.targets()}
         threads = torch.get_num_threads()
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)      # the run's thread count: the same float sums
         try:
             models = self._members(dev)
+            if self.cfg.feature_mode == "end_to_end":
+                window = ClipWindow.from_config(self.cfg)
+                cache.pack(sa.actions, window, workers=int(self.cfg.num_workers))
+                src: Any = ClipSource(**base, eval_ds=MultiViewDataset(sa, window, cache, None, self.cfg.seed),
+                                      num_workers=int(self.cfg.num_workers))
+            else:
+                feats, mask = self.features(sa, cache, cache_dir, progress)
+                if self.meta.get("feature_norm"):
+                    norm = torch.load(self.root / "feature_norm.pt", map_location="cpu", weights_only=True)
+                    feats = ((feats - norm["mean"]) / norm["std"]).masked_fill(~mask.unsqueeze(-1), 0.0)
+                src = FeatureSource(**base, feats=feats, mask=mask)
+            amp = self.cfg.amp and dev.type == "cuda"
             per_model: list[dict[str, np.ndarray]] = []
             with torch.no_grad():
-                if self.cfg.feature_mode == "end_to_end":
-                    per_model = [self._predict_clips(m, sa, cache, dev) for m in models]
-                else:
-                    feats, mask = self.features(sa, cache, cache_dir, progress)
-                    if self.meta.get("feature_norm"):
-                        norm = torch.load(self.root / "feature_norm.pt", map_location="cpu", weights_only=True)
-                        feats = ((feats - norm["mean"]) / norm["std"]).masked_fill(~mask.unsqueeze(-1), 0.0)
-                    for m in models:
-                        outs: dict[str, list[Any]] = {t: [] for t in TASKS}
-                        for s in range(0, len(sa), EVAL_BATCH):
-                            o = m.forward_features(feats[s:s + EVAL_BATCH].to(dev), mask[s:s + EVAL_BATCH].to(dev))
-                            for t in TASKS:
-                                outs[t].append(o[t].float().cpu())
-                        per_model.append({t: torch.cat(outs[t]).numpy() for t in TASKS})
+                for model in models:
+                    outs: dict[str, list[Any]] = {t: [] for t in TASKS}
+                    for forward in src.eval_batches(max(1, self.cfg.batch_size), dev):
+                        with torch.autocast(dev.type, enabled=amp):
+                            o = forward(model)
+                        for t in TASKS:
+                            outs[t].append(o[t].float().cpu())
+                    per_model.append({t: torch.cat(outs[t]).numpy() for t in TASKS})
         finally:
             torch.set_num_threads(threads)
         raw = {t: np.mean([p[t] for p in per_model], axis=0) for t in TASKS}
         final = {t: np.asarray(posthoc_adjust(raw[t], self.prior[t], self.taus[t])) for t in TASKS}
         return Prediction([a.action_id for a in actions], final)
-
-    def _predict_clips(self, model: Any, split: Any, cache: Any, dev: Any) -> dict[str, np.ndarray]:
-        import torch
-        from torch.utils.data import DataLoader
-
-        from .data.dataset import MultiViewDataset
-        from .data.video import ClipWindow
-        from .models.backbones import normalize_clips
-
-        window = ClipWindow.from_config(self.cfg)
-        cache.pack(split.actions, window, workers=int(self.cfg.num_workers))
-        loader = DataLoader(MultiViewDataset(split, window, cache, views=None, seed=self.cfg.seed),
-                            batch_size=max(1, self.cfg.batch_size), shuffle=False)
-        outs: dict[str, list[Any]] = {t: [] for t in TASKS}
-        amp = self.cfg.amp and dev.type == "cuda"
-        for batch in loader:
-            with torch.autocast(dev.type, enabled=amp):
-                o = model(normalize_clips(batch["clips"].to(dev)), batch["view_mask"].to(dev))
-            for t in TASKS:
-                outs[t].append(o[t].float().cpu())
-        return {t: torch.cat(outs[t]).numpy() for t in TASKS}
 
 
 # ---- the registry ----------------------------------------------------------------------------------------------
@@ -542,7 +530,10 @@ def register_champion(client: Any, name: str, run_id: str, tags: dict[str, Any] 
     if existing:
         version = existing[0]
     else:
-        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
+        # the logged model's storage location as the source: a "models:/<id>" source is resolved through the
+        # process-wide tracking URI, not this client's
+        source = client.get_logged_model(model_id).artifact_location
+        version = client.create_model_version(name, source=source, run_id=run_id,
                                               tags={k: str(v) for k, v in (tags or {}).items()},
                                               description=description or None, model_id=model_id)
     client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version.version))

@@ -146,7 +146,12 @@ def _detectable_noncentrality(df: int, alpha: float, power: float) -> float:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(optimize.brentq(rejection, 1e-9, 60.0))
+        upper = 16.0
+        while rejection(upper) < 0:      # tiny df at a Holm-corrected alpha needs a large noncentrality
+            upper *= 4
+            if upper > 1e7:
+                return math.inf
+        return float(optimize.brentq(rejection, 1e-9, upper))
 
 
 def minimum_detectable_effect(sd: float, n: int, n_folds: int, alpha: float = 0.05, power: float = 0.8,

@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PASSWORD = "s3cretTestOnly"          # what a user puts into .env; .env.example leaves it empty
+SECRETS = {"POSTGRES_PASSWORD": PASSWORD, "MLFLOW_DB_PASSWORD": "mlflowRoleTestOnly",
+           "OPTUNA_DB_PASSWORD": "optunaRoleTestOnly", "MLFLOW_ADMIN_PASSWORD": "adminTestOnly",
+           "MLFLOW_SECRET_KEY": "csrfKeyTestOnly"}
 
 
 def load_stack():
@@ -35,7 +38,7 @@ stack = load_stack()
 
 
 # ---- compose's variable interpolation (the subset of the spec docker-compose.yml uses) ------------------------
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def interpolate(value, env: dict[str, str]):
@@ -57,6 +60,8 @@ def interpolate(value, env: dict[str, str]):
             raise KeyError(f"required variable {name} is missing: {arg}")
         if op and op.endswith("-") and unset:
             return arg
+        if op and op.endswith("+"):
+            return "" if unset else arg
         return val or ""
 
     return _VAR.sub(sub, value)
@@ -74,7 +79,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    return {**read_env_file(ENV_EXAMPLE), "POSTGRES_PASSWORD": PASSWORD}
+    return {**read_env_file(ENV_EXAMPLE), **SECRETS}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +118,7 @@ def help_flags(cmd: list[str]) -> set[str]:
 def accepted() -> dict[str, set[str]]:
     return {
         "mlflow": help_flags([stack._executable("mlflow"), "server", "--help"]),
-        "optuna-dashboard": help_flags([stack._executable("optuna-dashboard"), "--help"]),
+        "optuna-dashboard": help_flags([sys.executable, str(ROOT / "tracking" / "dashboard.py"), "--help"]),
         "study": help_flags([sys.executable, "-m", "mvfouls_ab.study", "--help"]),
     }
 
@@ -122,9 +127,19 @@ def flags_of(cmd: list[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in cmd if a.startswith("--")}
 
 
-# ---- tests --------------------------------------------------------------------------------------------------
+# ---- tests ----------------------------------------------------------------------------------------------------
 SERVERS = ("postgres", "mlflow", "optuna-dashboard")
 WORKERS = ("worker", "worker-gpu")
+DASHBOARD_SCRIPT = "/opt/mvfouls/dashboard.py"
+
+
+def storage_url(env: dict[str, str]) -> str:
+    """The workers' and dashboard's storage: the Optuna role (named like its database), no password in it."""
+    return f"postgresql+psycopg2://{env['OPTUNA_DB']}@postgres:5432/{env['OPTUNA_DB']}"
+
+
+def hosts_of(cmd: list[str]) -> list[str]:
+    return option_value(cmd, "--allowed-hosts").split(",")
 
 
 def test_services_and_healthchecks(compose):
@@ -143,7 +158,10 @@ def test_services_and_healthchecks(compose):
     for name in WORKERS:
         deps = services[name]["depends_on"]
         assert {d: c["condition"] for d, c in deps.items()} == {s: "service_healthy" for s in SERVERS}
-        assert services[name]["restart"] == "on-failure"
+        # a crashed worker comes back, but a config error does not loop forever
+        assert services[name]["restart"] == "on-failure:5"
+        # SIGTERM: the worker finishes its epoch and hands the trial back before Docker's SIGKILL
+        assert services[name]["stop_grace_period"] == "2m"
     # the GPU worker is opt-in and reserves an NVIDIA device
     gpu = services["worker-gpu"]
     assert gpu["profiles"] == ["gpu"] and "profiles" not in services["worker"]
@@ -165,10 +183,11 @@ def test_images_pinned_and_match_the_tools_tested_here(compose):
     assert image == "ghcr.io/optuna/optuna-dashboard" and tag == f"v{optuna_dashboard.__version__}"
 
     mlflow_df = (ROOT / services["mlflow"]["build"]["context"] / services["mlflow"]["build"]["dockerfile"]).read_text()
-    pinned = re.search(r"mlflow==(3\.17\.\d+)", mlflow_df)
+    pinned = re.search(r"mlflow\[auth\]==(3\.17\.\d+)", mlflow_df)     # [auth]: Flask-WTF for basic-auth
     assert pinned and re.search(r"psycopg2(-binary)?==\d", mlflow_df)
     assert mlflow.__version__.startswith("3.17."), "the --help checked here must be that of the pinned mlflow"
     assert services["mlflow"]["image"].endswith(pinned.group(1))
+    import flask_wtf  # noqa: F401 - the basic-auth app runs here too (tracking/stack.py, tests/test_stack.py)
 
     worker_df = (ROOT / services["worker"]["build"]["context"] / services["worker"]["build"]["dockerfile"]).read_text()
     assert f"torch=={torch.__version__.split('+')[0]}" in worker_df
@@ -180,17 +199,21 @@ def test_images_pinned_and_match_the_tools_tested_here(compose):
 
 def test_command_lines_match_the_native_stack(compose, env):
     services = compose["services"]
-    assert argv(services["mlflow"]) == stack.mlflow_server_command(
-        f"postgresql+psycopg2://{env['POSTGRES_USER']}:{PASSWORD}@postgres:5432/{env['MLFLOW_DB']}",
-        "/mlartifacts", "0.0.0.0", 5000, env["MLFLOW_ALLOWED_HOSTS"], int(env["MLFLOW_WORKERS"]))
-    assert {k: str(v) for k, v in services["mlflow"]["environment"].items()} == stack.MLFLOW_ENV
-    storage = f"postgresql+psycopg2://{env['POSTGRES_USER']}:{PASSWORD}@postgres:5432/{env['OPTUNA_DB']}"
-    assert argv(services["optuna-dashboard"]) == stack.dashboard_command(storage, "0.0.0.0", 8080)
+    mlflow_cmd = argv(services["mlflow"])
+    expected = stack.mlflow_server_command(
+        f"postgresql+psycopg2://{env['MLFLOW_DB']}@postgres:5432/{env['MLFLOW_DB']}", "/mlartifacts", "0.0.0.0",
+        5000, stack.allowed_hosts("127.0.0.1"), int(env["MLFLOW_WORKERS"]), stack.AUTH_APP)
+    i = mlflow_cmd.index("--allowed-hosts") + 1
+    assert mlflow_cmd[:i] + mlflow_cmd[i + 1:] == expected[:i] + expected[i + 1:]
+    assert set(mlflow_cmd[i].split(",")) == set(expected[i].split(","))          # the same hosts
+    env_mlflow = {k: str(v) for k, v in services["mlflow"]["environment"].items()}
+    assert {k: env_mlflow[k] for k in stack.MLFLOW_ENV} == stack.MLFLOW_ENV
+    storage = storage_url(env)
+    assert argv(services["optuna-dashboard"]) == stack.dashboard_command(
+        storage, "0.0.0.0", 8080, stack.DASHBOARD_ALLOWED_HOSTS, script=DASHBOARD_SCRIPT)
     for name, profile, threads in (("worker", "cpu", int(env["WORKER_THREADS"])), ("worker-gpu", "gpu", 0)):
         assert argv(services[name]) == stack.worker_command(storage, "http://mlflow:5000", env["STUDY_NAME"],
                                                             int(env["TRIALS"]), profile, "/data", "/runs", threads)
-    # the default allowed hosts are the same in both places
-    assert env["MLFLOW_ALLOWED_HOSTS"] == stack.ALLOWED_HOSTS
 
 
 def test_every_flag_is_accepted_by_the_pinned_tools(compose, accepted):
@@ -201,57 +224,90 @@ def test_every_flag_is_accepted_by_the_pinned_tools(compose, accepted):
         unknown = flags_of(cmd) - accepted[tool]
         assert not unknown, f"{name}: flags {sorted(unknown)} are not accepted by {tool}"
     # and the native stack's lines too (with the extras it may add)
-    native = [stack.mlflow_server_command("sqlite:///x.db", "/tmp/a"), stack.dashboard_command("sqlite:///x.db"),
+    native = [stack.mlflow_server_command("sqlite:///x.db", "/tmp/a", app_name=stack.AUTH_APP),
+              stack.dashboard_command("sqlite:///x.db"),
               stack.worker_command("sqlite:///x.db", "http://127.0.0.1:5000", data="/d", out="/o", threads=1)]
     for cmd, tool in zip(native, ("mlflow", "optuna-dashboard", "study")):
         assert flags_of(cmd) <= accepted[tool], tool
+    assert "basic-auth" in subprocess.run([stack._executable("mlflow"), "server", "--help"], capture_output=True,
+                                          text=True, timeout=120, check=False).stdout
 
 
-def test_dashboard_takes_the_workers_storage_as_positional_argument(compose):
+def test_dashboard_takes_the_workers_storage_as_positional_argument(compose, raw):
     services = compose["services"]
     dash = argv(services["optuna-dashboard"])
-    assert dash[0] == "optuna-dashboard" and not dash[1].startswith("-")
-    assert not any("STORAGE" in k for k in services["optuna-dashboard"].get("environment", {}))
+    assert dash[:2] == ["python", DASHBOARD_SCRIPT] and not dash[2].startswith("-")
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in services["optuna-dashboard"]["volumes"]}
+    assert (ROOT / mounted[DASHBOARD_SCRIPT]).resolve() == ROOT / "tracking" / "dashboard.py"
     for name in WORKERS:
-        assert option_value(argv(services[name]), "--storage") == dash[1]
-    # Optuna and MLflow: the same server, separate databases, the ones the init script creates
+        assert option_value(argv(services[name]), "--storage") == dash[2]
+    # Optuna and MLflow: the same server, separate databases, each opened by its own role, the ones the init
+    # script creates; the URLs hold no password (each service gets its role's in PGPASSWORD)
     pg_env = services["postgres"]["environment"]
-    optuna_url = urlsplit(dash[1])
+    optuna_url = urlsplit(dash[2])
     mlflow_url = urlsplit(option_value(argv(services["mlflow"]), "--backend-store-uri"))
     assert optuna_url.path == f"/{pg_env['OPTUNA_DB']}" and mlflow_url.path == f"/{pg_env['MLFLOW_DB']}"
     assert optuna_url.path != mlflow_url.path
-    for url in (optuna_url, mlflow_url):
+    for url, db in ((optuna_url, "OPTUNA_DB"), (mlflow_url, "MLFLOW_DB")):
         assert url.scheme == "postgresql+psycopg2"   # SQLAlchemy 2.1 maps bare postgresql:// to psycopg 3
         assert (url.hostname, url.port) == ("postgres", 5432)
-        assert (url.username, url.password) == (pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"])
+        assert (url.username, url.password) == (pg_env[db], None) and url.username != pg_env["POSTGRES_USER"]
+    assert services["mlflow"]["environment"]["PGPASSWORD"] == pg_env["MLFLOW_DB_PASSWORD"]
+    for name in ("optuna-dashboard", *WORKERS):
+        assert services[name]["environment"]["PGPASSWORD"] == pg_env["OPTUNA_DB_PASSWORD"], name
 
 
-def test_workers_reach_mlflow_and_the_browser_too(compose):
+def test_mlflow_requires_a_login_and_the_workers_have_one(compose, env):
+    services = compose["services"]
+    mlflow = services["mlflow"]
+    assert option_value(argv(mlflow), "--app-name") == "basic-auth"
+    assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == env["MLFLOW_ADMIN_PASSWORD"]
+    assert mlflow["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == env["MLFLOW_SECRET_KEY"]
+    config = mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in mlflow["volumes"]}
+    ini = (ROOT / mounted[config]).read_text()
+    assert "admin_username = admin" in ini and "admin_password" not in ini      # the password comes from .env
+    auth_db = re.search(r"database_uri = sqlite:///(\S+)", ini).group(1)
+    assert any(auth_db.startswith(m + "/") for m in mounted if mounted[m] in compose["volumes"]), "users persist"
+    for name in WORKERS:
+        w_env = services[name]["environment"]
+        assert (w_env["MLFLOW_TRACKING_USERNAME"], w_env["MLFLOW_TRACKING_PASSWORD"]) == \
+            ("admin", env["MLFLOW_ADMIN_PASSWORD"])
+
+
+def test_workers_reach_mlflow_and_the_browser_too(raw, env):
     from mlflow.server.security_utils import is_allowed_host_header
 
-    services = compose["services"]
-    mlflow_cmd = argv(services["mlflow"])
-    port = option_value(mlflow_cmd, "--port")
-    allowed = option_value(mlflow_cmd, "--allowed-hosts").split(",")
-    for name in WORKERS:
-        uri = urlsplit(option_value(argv(services[name]), "--tracking-uri"))
-        assert (uri.hostname, str(uri.port)) == ("mlflow", port)
-        assert is_allowed_host_header(allowed, uri.netloc)
-    published = services["mlflow"]["ports"][0].split(":")[1]
-    for host in (f"localhost:{published}", f"127.0.0.1:{published}"):
-        assert is_allowed_host_header(allowed, host), host
-    assert not is_allowed_host_header(allowed, "evil.example.com")
+    for extra in ({}, {"BIND_ADDRESS": "10.0.0.5", "MLFLOW_ALLOWED_HOSTS": "tracking.lan,tracking.lan:5000"}):
+        services = interpolate(raw, {**env, **extra})["services"]
+        allowed = hosts_of(argv(services["mlflow"]))
+        assert "" not in allowed
+        port = option_value(argv(services["mlflow"]), "--port")
+        for name in WORKERS:
+            uri = urlsplit(option_value(argv(services[name]), "--tracking-uri"))
+            assert (uri.hostname, str(uri.port)) == ("mlflow", port)
+            assert is_allowed_host_header(allowed, uri.netloc)
+        published = services["mlflow"]["ports"][0].split(":")[1]
+        for host in (f"localhost:{published}", f"127.0.0.1:{published}"):
+            assert is_allowed_host_header(allowed, host), host
+        if extra:                # a remote worker names the published address, or a name from .env
+            for host in ("10.0.0.5:5000", "tracking.lan", "tracking.lan:5000"):
+                assert is_allowed_host_header(allowed, host), host
+        assert not is_allowed_host_header(allowed, "evil.example.com")
 
 
-@pytest.mark.parametrize("bind", [None, "from-env-example"])
+@pytest.mark.parametrize("bind", [None, "from-env-example", "10.0.0.5"])
 def test_published_ports_bind_to_loopback(raw, env, bind):
-    values = dict(env) if bind else {"POSTGRES_PASSWORD": PASSWORD}   # None: .env without BIND_ADDRESS
+    """MLflow and PostgreSQL on BIND_ADDRESS (127.0.0.1 unless set); the dashboard, which has no login, on
+    127.0.0.1 whatever BIND_ADDRESS is."""
+    values = {**SECRETS} if bind is None else (dict(env) if bind == "from-env-example" else {**env, "BIND_ADDRESS": bind})
     services = interpolate(raw, values)["services"]
+    expected_ip = bind if bind == "10.0.0.5" else "127.0.0.1"
     published = {}
     for name, service in services.items():
         for spec in service.get("ports", []):
             host_ip, host_port, container_port = str(spec).split(":")
-            assert host_ip == "127.0.0.1", f"{name} publishes {spec}"
+            assert host_ip == ("127.0.0.1" if name == "optuna-dashboard" else expected_ip), f"{name} publishes {spec}"
             published[name] = (int(host_port), int(container_port))
     assert published == {"postgres": (5432, 5432), "mlflow": (5000, 5000), "optuna-dashboard": (8080, 8080)}
 
@@ -272,18 +328,24 @@ def test_workers_scale_and_mount_data_read_only(compose):
     assert services["worker"]["environment"]["OMP_NUM_THREADS"] == "1"
 
 
-def test_no_secret_in_the_repo(raw):
+def test_no_secret_in_the_repo_nor_on_a_command_line(raw, compose, env):
     env_example = read_env_file(ENV_EXAMPLE)
-    assert env_example["POSTGRES_PASSWORD"] == ""
-    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        interpolate(raw, env_example)         # compose refuses to start without a password in .env
+    for key in SECRETS:
+        assert env_example[key] == "", key
+        with pytest.raises(KeyError, match=key):     # compose refuses to start without each secret in .env
+            interpolate(raw, {**env_example, **{k: v for k, v in SECRETS.items() if k != key}})
     assert ".env" in (ROOT / ".gitignore").read_text().split()
     text = COMPOSE.read_text()
     for url in re.findall(r"postgresql\S*://\S+", text):
-        assert ":${POSTGRES_PASSWORD:?" in url, url
+        assert urlsplit(url).password is None, url
+    # no secret reaches a process's arguments (ps, docker inspect), only environments
+    for name, service in compose["services"].items():
+        cmd = " ".join(argv(service) + [str(h) for h in (service.get("healthcheck") or {}).get("test", [])])
+        for key, secret in SECRETS.items():
+            assert secret not in cmd, (name, key)
 
 
-def test_init_script_creates_both_databases(compose):
+def test_init_script_creates_both_databases_each_with_its_own_role(compose):
     """The script the postgres image runs on first start, run here against the local server."""
     import psycopg2
 
@@ -294,15 +356,23 @@ def test_init_script_creates_both_databases(compose):
     assert scripts and all(os.access(s, os.X_OK) for s in scripts)
     names = [f"stk_init_{uuid.uuid4().hex[:8]}_{k}" for k in ("mlflow", "optuna")]
     env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": "5432", "POSTGRES_USER": "postgres",
-           "MLFLOW_DB": names[0], "OPTUNA_DB": names[1]}
+           "MLFLOW_DB": names[0], "OPTUNA_DB": names[1], "MLFLOW_DB_PASSWORD": "it's;a\"pw",
+           "OPTUNA_DB_PASSWORD": "other pw"}
     try:
         for _ in range(2):                     # idempotent: a second run keeps what exists
-            out = subprocess.run(["sh", str(scripts[0])], env=env, capture_output=True, text=True, timeout=60, check=False)
+            out = subprocess.run(["sh", str(scripts[0])], env=env, capture_output=True, text=True, timeout=60,
+                                 check=False)
             assert out.returncode == 0, out.stderr
         conn = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres")
         with conn.cursor() as cur:
-            cur.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)", (names,))
-            assert sorted(r[0] for r in cur.fetchall()) == sorted(names)
+            cur.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = ANY(%s)", (names,))
+            assert sorted(cur.fetchall()) == sorted((n, n) for n in names)          # each owned by its role
+            cur.execute("SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolcanlogin FROM pg_roles "
+                        "WHERE rolname = ANY(%s)", (names,))
+            assert sorted(cur.fetchall()) == sorted((n, False, False, False, True) for n in names)
         conn.close()
+        for role, other in (names, names[::-1]):
+            with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+                psycopg2.connect(f"postgresql://{role}@127.0.0.1:5432/{other}")
     finally:
-        stack.drop_databases("postgresql://postgres@127.0.0.1:5432/postgres", names)
+        stack.drop_databases("postgresql://postgres@127.0.0.1:5432/postgres", names, names)

@@ -292,12 +292,12 @@ def test_epoch_shuffle_depends_only_on_seed_and_epoch(tiny_mvfouls, tmp_path):
 
 def test_load_data_reads_every_split(tiny_mvfouls, tmp_path):
     cfg = TrainingConfig(data_root=str(tiny_mvfouls), cache_dir=str(tmp_path / "cache"), frame_size=24,
-                         num_frames=4)
+                         frame_width=40, num_frames=4)
     bundle = load_data(cfg)
     assert [len(s) for s in bundle.splits().values()] == [8, 8, 8, 8]
     assert bundle.chall is not None and not bundle.chall.labelled and bundle.root == tiny_mvfouls
-    assert bundle.window == ClipWindow(63, 87, 17, 4, 24)
-    assert bundle.dataset("Valid", views=None)[0]["clips"].shape == (4, 3, 4, 24, 24)
+    assert bundle.window == ClipWindow(67, 83, 17, 4, 24, 40, "crop")     # the defaults: aspect kept, centre crop
+    assert bundle.dataset("Valid", views=None)[0]["clips"].shape == (4, 3, 4, 24, 40)
     n_clips = sum(len(a.clips) for s in bundle.splits().values() for a in s.actions)
     assert bundle.warm(progress=False) == n_clips - 2 and bundle.warm(progress=False) == 0
     assert "Train: kept 8 of 11" in bundle.summary()

@@ -74,7 +74,7 @@ def test_study_registers_the_best_trial_as_champion(champion):
 
 
 @pytest.mark.slow
-def test_predict_with_the_champion_reproduces_the_best_trial(champion, tmp_path):
+def test_predict_with_the_champion_reproduces_the_best_trial(champion, tmp_path, monkeypatch):
     from SoccerNet.Evaluation.MV_FoulRecognition import evaluate
 
     result, name = champion["result"], registered_name("champ")
@@ -92,9 +92,9 @@ def test_predict_with_the_champion_reproduces_the_best_trial(champion, tmp_path)
     # Chall: the prediction file and the zip the challenge server takes; the run folder as --model, URI from env
     chall = tmp_path / "chall" / "predictions_chall.json"
     run_dir = result["study"].trials[result["best"]].user_attrs["run_dir"]
-    proc = run_predict(champion, "--model", run_dir, "--data", str(champion["data"]), "--split", "Chall",
-                       "--out", str(chall))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("MVFOULS_AB_CACHE", str(champion["cache"]))
+    assert predict_mod.main(["--model", run_dir, "--data", str(champion["data"]), "--split", "Chall",
+                             "--out", str(chall)]) == 0
     assert chall.read_bytes() == (Path(run_dir) / "predictions_chall.json").read_bytes()
     with zipfile.ZipFile(chall.with_suffix(".zip")) as archive:
         assert archive.namelist() == [chall.name]

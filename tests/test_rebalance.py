@@ -30,12 +30,15 @@ def test_class_weights_normalization_and_caps():
     assert class_weights(SEVERITY, None) == pytest.approx(raw)
     assert class_weights(SEVERITY, None).mean() == pytest.approx(1.0)
     assert class_weights(SEVERITY, None) == pytest.approx([0.30920593, 0.07214014, 0.13722424, 3.4814297])
-    for cap in (1.5, 3.0, 5.0):
+    for cap in (1.5, 3.0, 5.0, 10.0):
         w = class_weights(SEVERITY, cap)
-        assert w.max() <= cap + 1e-12 and w.min() >= 1 / cap - 1e-12
-        assert w == pytest.approx(np.clip(raw, 1 / cap, cap))
-    assert class_weights(ACTION, 10.0, floor=0).tolist() == pytest.approx(np.minimum(
-        (1 / ACTION) / (1 / ACTION).mean(), 10.0))
+        # the cap is the largest weight over the smallest (not cap^2 around the mean), mean 1
+        assert w.max() / w.min() == pytest.approx(cap) and w.mean() == pytest.approx(1.0)
+        by_hand = np.minimum(SEVERITY.max() / SEVERITY, cap)
+        assert w == pytest.approx(by_hand / by_hand.mean())
+    assert class_weights(SEVERITY, 3.0) == pytest.approx([1.348, 0.449, 0.855, 1.348], abs=1e-3)
+    w = class_weights(ACTION, 10.0)
+    assert w.max() / w.min() <= 10.0 + 1e-9
     # an absent class gets 1; normalization runs over the present classes only
     w = class_weights([10, 0, 30], None)
     assert w.tolist() == pytest.approx([1.5, 1.0, 0.5])
@@ -44,13 +47,14 @@ def test_class_weights_normalization_and_caps():
 
 
 def test_targeted_weights_boost_weak_classes():
-    base = class_weights(SEVERITY, None)
+    base = 1.0 / SEVERITY
     w = targeted_weights(SEVERITY, [0.6, 0.8, 0.45, 0.0], cap=None)
-    assert w[:3] == pytest.approx(base[:3])                 # at or above 45%: unchanged
-    assert w[3] == pytest.approx(2 * base[3])               # 0% recall: doubled
-    w = targeted_weights(SEVERITY, [0.6, 0.8, 0.225, float("nan")], cap=5.0)
-    assert w[2] == pytest.approx(1.5 * base[2]) and w[3] == pytest.approx(base[3])
-    assert targeted_weights(SEVERITY, [0, 0, 0, 0], cap=5.0).max() == 5.0
+    boosted = base * [1, 1, 1, 2]                           # 0% recall: doubled; at or above 45%: unchanged
+    assert w == pytest.approx(boosted / boosted.mean())
+    w = targeted_weights(SEVERITY, [0.6, 0.8, 0.225, float("nan")], cap=None)
+    assert w[2] / w[1] == pytest.approx(1.5 * base[2] / base[1]) and w[3] / w[1] == pytest.approx(base[3] / base[1])
+    w = targeted_weights(SEVERITY, [0, 0, 0, 0], cap=5.0)
+    assert w.max() / w.min() == pytest.approx(5.0) and w.mean() == pytest.approx(1.0)
 
 
 def test_sample_weights_kinds():

@@ -80,7 +80,7 @@ def test_is_oom_recognises_both_forms():
 def tiny_run(tiny_mvfouls: Path, tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("cache")
     base = TrainingConfig(data_root=str(tiny_mvfouls), cache_dir=str(cache), frame_size=32, num_frames=8,
-                          num_phases=1, phase1_epochs=3, batch_size=2, device="cpu", sampler_phase1="none",
+                          backbone="small3d", feature_mode="frozen", frame_width=0, rep_holdout=0.0, num_phases=1, phase1_epochs=3, batch_size=2, device="cpu", sampler_phase1="none",
                           posthoc_adjust=False, collapse_patience=100)
     data = load_data(base)
 

@@ -1,8 +1,9 @@
-"""The native stack end to end: PostgreSQL, a real `mlflow server`, `optuna-dashboard`, two study workers.
+"""The native stack end to end: PostgreSQL, a real `mlflow server`, `optuna-dashboard`, study workers.
 
-The session fixture `native_stack` (tests/native_stack.py) starts it, kills worker 1 with SIGKILL mid-trial and
-waits for worker 2 to finish the study. These tests read the result through the servers' HTTP APIs (and the Optuna
-storage for what only it knows), then tracking/stack.py's process handling on its own.
+The session fixture `native_stack` (tests/native_stack.py) starts it on 127.0.0.2 (standing in for another
+machine's address, MLflow's basic auth on), kills worker 1 with SIGKILL mid-trial, stops worker 2 with SIGTERM
+mid-trial and lets a third worker finish the study. These tests read the result through the servers' HTTP APIs
+(and the Optuna storage for what only it knows), then tracking/stack.py's process handling on its own.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 def mlflow_api(stack, method: str, path: str, **kwargs) -> dict:
-    r = requests.request(method, f"{stack.tracking_uri}/api/2.0/mlflow/{path}", timeout=30, **kwargs)
+    r = requests.request(method, f"{stack.tracking_uri}/api/2.0/mlflow/{path}", timeout=30, auth=stack.auth,
+                         **kwargs)
     assert r.status_code == 200, f"{path}: {r.status_code} {r.text[:500]}"
     return r.json()
 
@@ -65,10 +67,10 @@ def experiment_id(native_stack) -> str:
 
 def test_servers_healthy_and_workers_done(native_stack):
     rows = {r["name"]: r for r in native_stack.module.status(native_stack.directory)}
-    assert set(rows) == {"mlflow", "optuna-dashboard", "worker-1", "worker-2"}
+    assert set(rows) == {"mlflow", "optuna-dashboard", "worker-1", "worker-2", "worker-3"}
     for name in ("mlflow", "optuna-dashboard"):
         assert rows[name]["running"] and rows[name]["healthy"], name
-    assert not rows["worker-1"]["running"] and not rows["worker-2"]["running"]
+    assert not any(rows[f"worker-{i}"]["running"] for i in (1, 2, 3))
     assert requests.get(f"{native_stack.tracking_uri}/health", timeout=10).text.strip() == "OK"
     print(f"stack up, study with a killed worker done in {native_stack.elapsed_s:.0f} s")
 
@@ -146,7 +148,7 @@ def test_mlflow_lists_nested_trial_runs_with_step_metrics_and_confusion_matrices
         first = native_stack.killed_after if t.system_attrs.get("retry_history") else 0
         expected = {f"epoch_{step:03d}.json" for step in range(first, native_stack.epochs_per_trial)}
         assert expected | {"best.html"} <= names, names
-        r = requests.get(f"{native_stack.tracking_uri}/get-artifact", timeout=30,
+        r = requests.get(f"{native_stack.tracking_uri}/get-artifact", timeout=30, auth=native_stack.auth,
                          params={"run_uuid": run["info"]["run_id"], "path": f"confusion/epoch_{first:03d}.json"})
         assert r.status_code == 200
         cms = r.json()
@@ -167,6 +169,91 @@ def test_dashboard_api_lists_the_study_and_its_trials(native_stack, study):
     served = {t["number"]: t["state"] for t in detail.json()["trials"]}
     assert served == {t.number: t.state.name.capitalize() for t in study.trials}
     assert "Fail" in served.values() and "Complete" in served.values()
+
+
+def test_sigterm_trial_is_handed_back_and_resumed_from_its_checkpoint(native_stack, study):
+    """Worker 2 got SIGTERM mid-trial: it finished the epoch, flushed MLflow, handed the trial back and exited
+    (143); worker 3 took the retry first and resumed it from its checkpoint, in the same MLflow run, every epoch
+    logged once."""
+    from optuna.trial import TrialState
+
+    log2 = Path(native_stack.state["services"][3]["log"]).read_text(errors="replace")
+    assert native_stack.stopped_rc == 143, log2[-2000:]
+    assert f"trial {native_stack.stopped_trial} handed back" in log2, log2[-2000:]
+    stopped = study.trials[native_stack.stopped_trial]
+    assert stopped.state == TrialState.FAIL
+    retries = [t for t in study.trials if (t.system_attrs.get("retry_history") or [None])[-1] == stopped.number]
+    assert len(retries) == 1, [t.system_attrs for t in study.trials]
+    retry = retries[0]
+    assert retry.system_attrs["handed_back_retries"] == 1
+    assert retry.state == TrialState.COMPLETE and retry.params == stopped.params
+    assert retry.user_attrs["run_dir"] == stopped.user_attrs["run_dir"]
+    assert retry.user_attrs["mlflow_run_id"] == stopped.user_attrs["mlflow_run_id"]
+    log3 = Path(native_stack.state["services"][4]["log"]).read_text(errors="replace")
+    resumed = re.findall(rf"resumed from {re.escape(retry.user_attrs['run_dir'])}\S* after (\d+) epochs", log3)
+    assert resumed and int(resumed[0]) >= native_stack.stopped_after >= 1, log3[-2000:]
+    run = mlflow_api(native_stack, "GET", "runs/get", params={"run_id": retry.user_attrs["mlflow_run_id"]})["run"]
+    assert run["info"]["status"] == "FINISHED" and tags(run)["handed_back"] == "true"
+    steps = [m["step"] for m in history(native_stack, run["info"]["run_id"], "val/leaderboard")]
+    assert sorted(steps) == list(range(native_stack.epochs_per_trial)), steps     # none missing, none twice
+
+
+def test_no_password_on_any_command_line(native_stack):
+    """The admin URL's password (as given and percent-decoded), the roles' and MLflow's admin password: in no
+    process's arguments while everything ran, nor in state.json; the secrets files are private."""
+    assert native_stack.ps_snapshot.count("mvfouls_ab.study") >= 2, native_stack.ps_snapshot[-2000:]
+    assert "mlflow" in native_stack.ps_snapshot and "dashboard.py" in native_stack.ps_snapshot
+    for secret in native_stack.secrets:
+        assert secret and secret not in native_stack.ps_snapshot, secret[:3]
+    state_text = (native_stack.directory / "state.json").read_text()
+    for secret in native_stack.secrets:
+        assert secret not in state_text
+    for name in ("pgpass", "state.json", "basic_auth.ini"):
+        assert oct((native_stack.directory / name).stat().st_mode & 0o777) == "0o600", name
+    logs = "".join(p.read_text(errors="replace") for p in (native_stack.directory / "logs").glob("*.log"))
+    for secret in native_stack.secrets:
+        assert secret not in logs
+
+
+def test_remote_address_allowed_hosts_and_basic_auth(native_stack, study):
+    """MLflow published on 127.0.0.2 (another machine's address, as far as Host headers go): the workers, which
+    use that address, logged every run (no 403); a name from --allowed-hosts is served; a foreign Host header is
+    refused (403); no credentials: 401. The dashboard refuses a foreign Host header too (DNS rebinding)."""
+    from native_stack import REMOTE_HOST
+
+    assert native_stack.tracking_uri.startswith(f"http://{REMOTE_HOST}:")
+    assert all(t.user_attrs.get("mlflow_run_id") for t in study.trials)
+    port = native_stack.tracking_uri.rsplit(":", 1)[1]
+    url = f"{native_stack.tracking_uri}/api/2.0/mlflow/experiments/get-by-name"
+    params = {"experiment_name": native_stack.study_name}
+    ok = requests.get(url, params=params, auth=native_stack.auth, timeout=30, headers={"Host": f"tracking.lan:{port}"})
+    assert ok.status_code == 200, ok.text[:300]
+    evil = requests.get(url, params=params, auth=native_stack.auth, timeout=30, headers={"Host": "evil.example"})
+    assert evil.status_code == 403
+    assert requests.get(url, params=params, timeout=30).status_code == 401
+    assert requests.get(f"{native_stack.tracking_uri}/health", timeout=30).status_code == 200
+    dash = native_stack.dashboard_url
+    assert requests.get(f"{dash}/api/meta", timeout=30).status_code == 200
+    assert requests.get(f"{dash}/api/meta", timeout=30, headers={"Host": "evil.example:8080"}).status_code == 403
+    assert requests.delete(f"{dash}/api/studies/1", timeout=30, headers={"Host": "evil.example"}).status_code == 403
+
+
+def test_each_database_has_its_own_role(native_stack):
+    """MLflow and Optuna each use a login role of their own (no superuser) that can open its database only."""
+    import psycopg2
+
+    state = native_stack.state
+    mlflow_db, optuna_db = state["databases"]
+    assert state["roles"] == [mlflow_db, optuna_db]
+    assert f"//{optuna_db}@" in native_stack.storage
+    for role, other in ((mlflow_db, optuna_db), (optuna_db, mlflow_db)):
+        conn = psycopg2.connect(f"postgresql://{role}@127.0.0.1:5432/{role}")
+        with conn.cursor() as cur:
+            cur.execute("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user")
+            assert cur.fetchone() == (False, False, False)
+        conn.close()
+        with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+            psycopg2.connect(f"postgresql://{role}@127.0.0.1:5432/{other}")
 
 
 def test_stop_ends_exactly_the_recorded_process_groups(tmp_path):

@@ -1,4 +1,5 @@
-"""The synthetic MVFouls generator writes the real format, with the real (scaled) label counts and learnable clips."""
+"""The synthetic MVFouls generator writes the real format, with the real (scaled) label counts, and clips whose
+class is the pose and contact of two articulated players (data v4)."""
 from __future__ import annotations
 
 import fcntl
@@ -111,28 +112,119 @@ def test_videos_are_h264_25fps_with_126_frames(tiny_root: Path) -> None:
         assert frames[0].shape == (synthetic.HEIGHT, synthetic.WIDTH, 3)
 
 
-def test_class_information_only_inside_the_event_and_only_in_informative_views() -> None:
+def test_frame_size_is_what_the_constants_say() -> None:
+    assert synthetic.WIDTH * 9 == synthetic.HEIGHT * 16 and synthetic.WIDTH % 2 == synthetic.HEIGHT % 2 == 0
+    live = synthetic.ViewSpec(synthetic.LIVE_CAMERA, 1.0, 0)
+    frames = synthetic.render_view(0, 1, 1.0, live, np.random.default_rng(0), (0, 75, 125))
+    assert frames.shape == (3, synthetic.HEIGHT, synthetic.WIDTH, 3) and frames.dtype == np.uint8
+
+
+def test_class_information_starts_with_the_event_and_only_in_views_that_show_the_foul() -> None:
     start = synthetic.EVENT_FRAME - synthetic.EVENT_HALF - synthetic.EVENT_JITTER
     end = synthetic.EVENT_FRAME + synthetic.EVENT_HALF + synthetic.EVENT_JITTER
     live = synthetic.ViewSpec("Main camera center", 1.0, 0)
     dive = synthetic.render_view(7, 3, 1.0, live, np.random.default_rng(5))
     tackle = synthetic.render_view(1, 1, 1.0, live, np.random.default_rng(5))
     differs = np.abs(dive.astype(int) - tackle.astype(int)).reshape(len(dive), -1).max(1) > 0
-    assert not differs[:start].any() and not differs[end + 1:].any()
+    assert not differs[:start].any()                   # the same run-up whatever the class
     assert differs[start:end + 1].sum() >= 15
-    public = synthetic.ViewSpec("Public", 1.8, 0)
-    assert np.array_equal(synthetic.render_view(7, 3, 1.0, public, np.random.default_rng(5)),
-                          synthetic.render_view(1, 1, 1.0, public, np.random.default_rng(5)))
+    for camera in (name for name, cam in synthetic.CAMERAS.items() if not cam.signal):
+        view = synthetic.ViewSpec(camera, 1.8, 0)
+        assert np.array_equal(synthetic.render_view(7, 3, 1.0, view, np.random.default_rng(5)),
+                              synthetic.render_view(1, 1, 1.0, view, np.random.default_rng(5)))
+
+
+TAU = np.linspace(-1.5, 1.5, 61)
+CONTACT = (TAU > -0.35) & (TAU < 0.35)
+
+
+def _bodies(action: int, severity: int, seed: int = 0, foul: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """World joints [T, J, 3] of offender and victim over TAU (contact at 0), the intensity without its jitter."""
+    scene = synthetic._draw_scene(np.random.default_rng(seed), action, severity, 1.0)
+    scene.k = synthetic.INTENSITY[severity]
+    offender, victim = synthetic._choreograph(scene, TAU, action if foul else None)
+    return synthetic._joints(offender), synthetic._joints(victim)
+
+
+def _gap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Closest distance between any joint of a and any joint of b, per time step."""
+    return np.linalg.norm(a[:, :, None] - b[:, None], axis=-1).min((1, 2))
+
+
+def test_each_action_class_is_its_own_pose_and_contact() -> None:
+    s = synthetic
+    at = int(np.argmin(np.abs(TAU)))
+    for seed in range(3):
+        bodies = {a: _bodies(a, 2, seed) for a in range(8)}
+        pelvis = {a: off[at, s.PELVIS, 2] for a, (off, _) in bodies.items()}
+        foot = {a: off[at, [s.L_FOOT, s.R_FOOT], 2].max() for a, (off, _) in bodies.items()}
+        assert pelvis[0] < 0.5 < min(v for a, v in pelvis.items() if a != 0)        # Tackling: slides in low
+        assert foot[2] > 1.2 > 0.8 > max(v for a, v in foot.items() if a != 2)       # High leg: foot up high
+        assert 0.4 < foot[1] < 0.8                                                   # Standing tackling: reaching
+        for a in range(7):                                                            # contact, except ...
+            assert _gap(*bodies[a])[CONTACT].min() < 0.2, a
+        assert _gap(*bodies[7]).min() > 0.8                                           # ... the Dive: none at all
+        off, vic = bodies[7]
+        assert vic[-1, s.PELVIS, 2] < 0.3 < off[-1, s.PELVIS, 2]                    # he falls, on his own
+        off, vic = bodies[3]                                                          # Holding: a hand on the
+        hands = off[:, [s.L_HAND, s.R_HAND]]                                          # victim's body, held
+        grip = np.linalg.norm(hands[:, :, None] - vic[:, None], axis=-1).min((1, 2))
+        assert (grip[TAU > 0] < 0.25).all()
+        off, vic = bodies[4]                                                          # Pushing: both hands on him
+        hands = np.linalg.norm(off[at, [s.L_HAND, s.R_HAND], None] - vic[at, None], axis=-1).min(1)
+        assert (hands < 0.25).all()
+        off, vic = bodies[5]                                                          # Elbowing: an elbow up
+        elbow = off[at, [s.L_ELBOW, s.R_ELBOW], 2].max()                              # at head height
+        assert elbow > off[at, s.L_SHOULDER, 2] and elbow > max(b[0][at, [s.L_ELBOW, s.R_ELBOW], 2].max()
+                                                               for a, b in bodies.items() if a not in (2, 5, 7))
+    # Rendered, the classes differ in a small part of the frame (the players), not globally.
+    close = synthetic.ViewSpec("Close-up player or field referee", 1.0, 0)
+    frames = [synthetic.render_view(a, 2, 1.0, close, np.random.default_rng(11), (75,))[0].astype(int)
+              for a in range(8)]
+    for i in range(8):
+        for j in range(i + 1, 8):
+            changed = (frames[i] != frames[j]).any(-1).mean()
+            assert 0.001 < changed < 0.1, (i, j, changed)
+
+
+def test_severity_is_the_intensity_of_the_contact() -> None:
+    """The victim's reaction (how far he is knocked and falls, against the same run without a foul) grows with the
+    severity class, for every action class but the Dive."""
+    for action in range(7):
+        reaction = []
+        for severity in range(4):
+            _, victim = _bodies(action, severity, seed=action)
+            _, unfouled = _bodies(action, severity, seed=action, foul=False)
+            reaction.append(np.linalg.norm(victim[-1] - unfouled[-1], axis=-1).mean())
+        assert reaction[0] < 0.1 and np.all(np.diff(reaction) > 0.1), (action, reaction)
+
+
+def test_window_frames_are_the_full_clip_frames() -> None:
+    spec = next(s for s in synthetic.plan_split("Test", TINY) if len(s.views) >= 3)
+    window = (63, 65, 66, 68, 70, 71, 73, 75, 76, 78, 79, 81, 83, 84, 86, 87)
+    for full, part in zip(synthetic.render_action(spec), synthetic.render_action(spec, window), strict=True):
+        assert np.array_equal(full[list(window)], part)
+
+
+def test_fast_rgb_conversion_matches_a_plain_copy() -> None:
+    rgba = np.random.default_rng(0).integers(0, 2**32, size=(3, 20, 36), dtype=np.uint32)
+    view = rgba[:, 2:-2, 3:-3]
+    assert np.array_equal(synthetic._fast_rgb(view), synthetic._slow_rgb(view))
+    assert np.array_equal(synthetic._to_rgb(view), synthetic._slow_rgb(view))
 
 
 def test_generation_is_deterministic_for_a_seed(tiny_root: Path, tmp_path: Path) -> None:
-    again = synthetic.generate(tmp_path / "again", scale=TINY, seed=0)
-
-    def digest(root: Path) -> dict[str, str]:
-        return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*")) if p.is_file() and p.name != "synthetic.json"}
-
-    assert digest(again) == digest(tiny_root)
+    """The same seed writes the same bytes: annotations, and the clips of a few actions written again."""
+    for split in synthetic.LABELLED:
+        doc = synthetic.annotations_doc(split, synthetic.plan_split(split, TINY, seed=0))
+        assert json.dumps(doc, indent=1) == (tiny_root / split / "annotations.json").read_text()
+    specs = synthetic.plan_split("Valid", TINY, seed=0)[:3]
+    for spec in specs:
+        synthetic._write_action((tmp_path, spec))
+        for k in range(len(spec.views)):
+            clip = Path(spec.split) / f"action_{spec.index}" / f"clip_{k}.mp4"
+            assert hashlib.md5((tmp_path / clip).read_bytes()).digest() == \
+                hashlib.md5((tiny_root / clip).read_bytes()).digest()
     other = synthetic.plan_split("Train", TINY, seed=1)
     assert [s.raw for s in other] != [s.raw for s in synthetic.plan_split("Train", TINY, seed=0)]
 

@@ -393,3 +393,86 @@ def test_figure_html_is_plotlys_cdn_page():
     uuid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
     assert 'integrity="sha256-' in plotlys and 'crossorigin="anonymous"' in plotlys
     assert uuid.sub("ID", ours) == uuid.sub("ID", plotlys)
+
+
+# ---- MLflow UI conventions: experiment kind, standard run tags, table-only values, logged models ----------------
+def test_experiments_open_as_custom_model_development_and_runs_carry_context_tags(in_tmp, tmp_path):
+    from mvfouls_ab.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, context_tags, experiment_url
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    tracker = RunTracker(uri, "kind-test", "trial-0000-simplified")
+    tracker.end("FINISHED")
+    exp = client.get_experiment_by_name("kind-test")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    run = client.search_runs([exp.experiment_id])[0]
+    assert run.info.run_name == "trial-0000-simplified"
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(run.data.tags)
+    assert run.data.tags.get("mlflow.source.git.commit") == context_tags().get("mlflow.source.git.commit")
+    # an experiment created elsewhere without a kind gets one; one with a kind keeps it
+    bare = client.create_experiment("bare")
+    other = client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    RunTracker(uri, "bare", "r").end("FINISHED")
+    RunTracker(uri, "genai", "r").end("FINISHED")
+    assert client.get_experiment(bare).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert client.get_experiment(other).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    assert experiment_url("http://h:5000/", "7") == "http://h:5000/#/experiments/7?workflowType=machine_learning"
+
+
+def test_confusion_cells_go_to_a_table_not_to_metric_series(in_tmp, tmp_path):
+    from mvfouls_ab.tracking import MLflowSink, confusion_table, run_metrics
+
+    recs = records(3)
+    full = recs[0].to_mlflow()
+    kept = run_metrics(full)
+    assert len(full) - len(kept) == (64 + 16) + (8 + 4) + (8 + 4)     # matrix cells, supports, predicted counts
+    assert not [k for k in kept if "/confusion/" in k or "/support/" in k or "/predicted/" in k]
+    assert {"val/action/recall/dive", "val/severity/f1/red_card", "val/action/macro_recall", "lr"} <= set(kept)
+    table = confusion_table({0: ("p1", {"action": np.eye(8, dtype=int).tolist()})})
+    assert len(table["count"]) == 64 and table["true_class"][9] == "Standing tackling"
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = RunTracker(uri, "table-test", "trial-0000-simplified", run_dir=tmp_path)
+    sink = MLflowSink(tracker)
+    for rec in recs:
+        sink.log(rec)
+    sink.close()
+    assert tracker.end("FINISHED")
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert not [k for k in run.data.metrics if "/confusion/" in k]
+    assert len(run.data.metrics) == len(kept)
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "confusion")}
+    assert {"confusion/confusion_matrices.json", "confusion/per_epoch.html", "confusion/epoch_002.json"} <= files
+    assert {"path": "confusion/confusion_matrices.json", "type": "table"} in json.loads(
+        run.data.tags["mlflow.loggedArtifacts"])
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "confusion/confusion_matrices.json",
+                                                      str(tmp_path / "dl"))).read_text())
+    assert table["columns"] == ["epoch", "phase", "task", "true_class", "predicted_class", "count"]
+    assert len(table["data"]) == 3 * (64 + 16)
+
+
+def test_a_saved_model_folder_becomes_the_runs_logged_model(in_tmp, tmp_path):
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    folder = tmp_path / "mlflow_model"
+    mlflow.pyfunc.save_model(str(folder), python_model=Echo(), pip_requirements=["mlflow"])
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = RunTracker(uri, "model-test", "train-x", run_dir=tmp_path)
+    tracker.log_model(folder, "model", step=4, tags={"trial": 3})
+    assert tracker.end("FINISHED")
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert (model.name, str(model.status), output.step, model.tags["trial"]) == ("model", "READY", 4, "3")
+    assert run.data.tags["mlflow_model_id"] == model.model_id
+    mlflow.set_tracking_uri(uri)
+    try:
+        assert mlflow.pyfunc.load_model(f"models:/{model.model_id}").predict([1, 2]) == [1, 2]
+    finally:
+        mlflow.set_tracking_uri("")

@@ -21,9 +21,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def setup(tiny_mvfouls: Path, tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("cache")
-    base = TrainingConfig(data_root=str(tiny_mvfouls), cache_dir=str(cache), frame_size=32, num_frames=8,
-                          phase1_epochs=2, phase2_epochs=2, phase3_epochs=2, batch_size=2, device="cpu",
-                          curriculum_start=0.5)
+    base = TrainingConfig(data_root=str(tiny_mvfouls), cache_dir=str(cache), frame_size=32, frame_width=56,
+                          num_frames=8, rep_epochs=2, rep_width=8, phase1_epochs=2, phase2_epochs=2,
+                          phase3_epochs=2, batch_size=2, device="cpu", curriculum_start=0.5)
     return base, load_data(base)
 
 
@@ -112,7 +112,7 @@ def test_pseudo_labels_ensemble_and_progressive_growth(setup, tmp_path):
     trainer = Trainer(cfg, data, [], tmp_path)
     result = trainer.run()
     assert trainer.complexity == 3
-    assert len(trainer.pool_source) == len(data.train) + len(data.chall)      # threshold 0: every Chall action
+    assert len(trainer.pool_source) == len(trainer.sources["train"]) + len(data.chall)  # threshold 0: all of Chall
     saved = json.loads((tmp_path / "official_metrics.json").read_text())
     assert len(saved["ensemble"]) == 2 and saved["best_epoch"] == saved["ensemble"][0]
     assert len(list((tmp_path / "checkpoints").glob("model_epoch*.pt"))) == 2

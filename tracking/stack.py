@@ -368,13 +368,15 @@ def wait_healthy(service: dict, url: str, timeout: float = HEALTH_TIMEOUT_S) -> 
                        f"Fix: read the log; last lines:\n{tail(service['log'])}")
 
 
-def wait_study_ready(storage: str, study_name: str, first_worker: dict, timeout: float = 1800.0) -> None:
+def wait_study_ready(storage: str, study_name: str, first_worker: dict, timeout: float = 1800.0,
+                     passfile: str | Path | None = None) -> None:
     """Wait until the first worker has created the study and its MLflow parent run (study user attribute
     `mlflow_parent_run_id`) before starting the others: they then join that run instead of racing to create one,
     and reuse the data and feature caches it has just filled instead of computing them in parallel."""
     import optuna
 
-    rdb = optuna.storages.RDBStorage(storage)
+    rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"passfile": str(passfile)}}
+                                     if passfile else {})
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -402,7 +404,7 @@ def port_free(host: str, port: int) -> bool:
             return False
 
 
-# ---- state --------------------------------------------------------------------------------------------------
+# ---- state and secrets --------------------------------------------------------------------------------------
 def state_path(directory: Path) -> Path:
     return Path(directory) / "state.json"
 
@@ -413,11 +415,20 @@ def read_state(directory: Path) -> dict | None:
 
 
 def write_state(directory: Path, state: dict) -> None:
-    p = state_path(directory)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.chmod(tmp, 0o600)      # the command lines may hold a database password
-    tmp.replace(p)
+    atomic_write(state_path(directory), json.dumps(state, indent=1), mode=0o600)
+
+
+def secret(directory: Path, name: str, env_var: str | None = None, env: dict[str, str] | None = None) -> str:
+    """$env_var, else the one kept in DIR/<name> (mode 0600), else a new random one kept there."""
+    env = os.environ if env is None else env
+    if env_var and env.get(env_var):
+        return env[env_var]
+    path = Path(directory) / name
+    if path.is_file():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(24)
+    atomic_write(path, value + "\n", mode=0o600)
+    return value
 
 
 # ---- up / down / status -------------------------------------------------------------------------------------
@@ -426,48 +437,100 @@ def up(directory: Path = DEFAULT_DIR, workers: int = 2, pg_url: str = DEFAULT_PG
        study_name: str = STUDY_NAME, trials: int = 50, profile: str = "cpu", data: str | None = None,
        worker_threads: int = 0, worker_args: Sequence[str] = (), workers_only: bool = False,
        storage: str | None = None, tracking_uri: str | None = None,
-       env: dict[str, str] | None = None) -> dict:
-    """Start the stack (or, with workers_only, just workers against `storage` and `tracking_uri`)."""
+       env: dict[str, str] | None = None, extra_allowed_hosts: str | None = None, auth: str = "auto",
+       mlflow_workers: int = 1) -> dict:
+    """Start the stack (or, with workers_only, just workers against `storage` and `tracking_uri`).
+
+    Passwords: the admin's (in `pg_url`, or from ~/.pgpass / PGPASSWORD), the two database roles' (generated) and
+    the one of a `--workers-only` storage URL go to DIR/pgpass; the processes get PGPASSFILE and password-less URLs.
+    `auth`: "on", "off" or "auto" (on when `host` is not a loopback address)."""
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)      # pgpass, secrets and state live here
     old = read_state(directory)
     if old and any(alive(s) for s in old["services"]):
         raise SystemExit(f"{state_path(directory)}: a stack started from this folder is still running. "
                          f"Fix: python tracking/stack.py down --dir {directory}")
     base_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}   # logs line by line
+    extra_allowed_hosts = extra_allowed_hosts if extra_allowed_hosts is not None else \
+        base_env.get("MLFLOW_ALLOWED_HOSTS")
+    passfile = directory / "pgpass"
+    admin_url, admin_password = without_password(pg_url)
     state: dict[str, Any] = {"dir": str(directory), "created_at": time.time(), "services": [],
-                             "databases": [], "pg_url": redact(pg_url)}
+                             "databases": [], "roles": [], "pg_url": admin_url}
+    pgpass: list[tuple[str, str, str | None]] = []
+    if admin_password is not None:
+        pgpass.append((admin_url, admin_password, "*"))
+    use_auth = auth == "on" or (auth == "auto" and not is_loopback(host) and not workers_only)
     try:
         if workers_only:
             if not (storage and tracking_uri):
                 raise SystemExit("--workers-only needs --storage and --tracking-uri (the stores on the server machine)")
+            storage, storage_password = without_password(storage)
+            if storage_password is not None:
+                pgpass.append((storage, storage_password, None))
+            tracking_uri, tracking_password = without_password(tracking_uri)
+            if tracking_password is not None:     # http://user:password@host:port: the client reads them from env
+                base_env["MLFLOW_TRACKING_USERNAME"] = urlsplit(tracking_uri).username or ADMIN_USER
+                base_env["MLFLOW_TRACKING_PASSWORD"] = tracking_password
         else:
-            for port in (mlflow_port, dashboard_port):
-                if not port_free(host, port):
-                    raise SystemExit(f"{host}:{port} is already in use. Fix: pass --mlflow-port/--dashboard-port "
+            for h, port in ((host, mlflow_port), ("127.0.0.1" if not is_loopback(host) else host, dashboard_port)):
+                if not port_free(h, port):
+                    raise SystemExit(f"{h}:{port} is already in use. Fix: pass --mlflow-port/--dashboard-port "
                                      f"or stop what listens there")
-            created = create_databases(pg_url, [mlflow_db, optuna_db])
+            roles = {mlflow_db: secrets.token_urlsafe(24), optuna_db: secrets.token_urlsafe(24)}
+            owners = {mlflow_db: mlflow_db, optuna_db: optuna_db}          # one role per database, of its name
+            state["roles_created"] = create_roles(pg_url, roles)
+            state["roles"] = list(roles)
+            write_state(directory, state)
+            created = create_databases(pg_url, [mlflow_db, optuna_db], owners)
             state["databases"] = [mlflow_db, optuna_db]
             state["databases_created"] = created
-            storage = database_url(pg_url, optuna_db)
-            init_optuna_schema(storage)
-            client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            restrict_databases(pg_url, owners)
+            pgpass += [(database_url(admin_url, db, role), pw, db) for db, (role, pw) in
+                       ((mlflow_db, (mlflow_db, roles[mlflow_db])), (optuna_db, (optuna_db, roles[optuna_db])))]
+            write_pgpass(passfile, pgpass)
+            storage = database_url(admin_url, optuna_db, optuna_db)
+            init_optuna_schema(storage, passfile)
+            client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            dash_host = host if is_loopback(host) else "127.0.0.1"   # never published beyond this machine
             tracking_uri = f"http://{client_host}:{mlflow_port}"
-            state["urls"] = {"mlflow": tracking_uri, "dashboard": f"http://{client_host}:{dashboard_port}"}
-            mlflow = spawn("mlflow", mlflow_server_command(database_url(pg_url, mlflow_db),
-                                                           str(directory / "mlartifacts"), host, mlflow_port),
-                           directory / "logs" / "mlflow.log", {**base_env, **MLFLOW_ENV}, cwd=directory)
+            state["urls"] = {"mlflow": tracking_uri, "dashboard": f"http://{dash_host}:{dashboard_port}"}
+            state["allowed_hosts"] = allowed_hosts(host, extra_allowed_hosts)
+            state["auth"] = use_auth
+            mlflow_env = {**base_env, **MLFLOW_ENV, "PGPASSFILE": str(passfile)}
+            if use_auth:
+                admin = secret(directory, "mlflow_admin_password", "MLFLOW_ADMIN_PASSWORD", base_env)
+                atomic_write(directory / "basic_auth.ini",
+                             AUTH_INI.format(db=directory / "mlflow_auth.db", user=ADMIN_USER), mode=0o600)
+                mlflow_env.update({"MLFLOW_AUTH_CONFIG_PATH": str(directory / "basic_auth.ini"),
+                                   "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
+                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secret(directory, "mlflow_secret_key")})
+                base_env.update({"MLFLOW_TRACKING_USERNAME": ADMIN_USER, "MLFLOW_TRACKING_PASSWORD": admin})
+                state["admin"] = {"user": ADMIN_USER, "password_file": str(directory / "mlflow_admin_password")
+                                  if not base_env.get("MLFLOW_ADMIN_PASSWORD") else "$MLFLOW_ADMIN_PASSWORD"}
+            mlflow = spawn("mlflow", mlflow_server_command(database_url(admin_url, mlflow_db, mlflow_db),
+                                                           str(directory / "mlartifacts"), host, mlflow_port,
+                                                           state["allowed_hosts"], mlflow_workers,
+                                                           AUTH_APP if use_auth else None),
+                           directory / "logs" / "mlflow.log", mlflow_env, cwd=directory)
             state["services"].append(mlflow)
             write_state(directory, state)
-            dashboard = spawn("optuna-dashboard", dashboard_command(storage, host, dashboard_port),
-                              directory / "logs" / "optuna-dashboard.log", base_env, cwd=directory)
+            dash_allowed = ",".join(dict.fromkeys([*DASHBOARD_ALLOWED_HOSTS.split(","), dash_host, f"{dash_host}:*"]))
+            dashboard = spawn("optuna-dashboard", dashboard_command(storage, dash_host, dashboard_port, dash_allowed),
+                              directory / "logs" / "optuna-dashboard.log", {**base_env, "PGPASSFILE": str(passfile)},
+                              cwd=directory)
             state["services"].append(dashboard)
             write_state(directory, state)
             wait_healthy(mlflow, f"{tracking_uri}/health")
             wait_healthy(dashboard, f"{state['urls']['dashboard']}/api/meta")
+        if pgpass and not passfile.is_file():
+            write_pgpass(passfile, pgpass)
         state["storage"] = storage
         state["tracking_uri"] = tracking_uri
         worker_env = dict(base_env)
+        if passfile.is_file():
+            worker_env["PGPASSFILE"] = str(passfile)
         if worker_threads:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 worker_env[var] = str(worker_threads)
@@ -478,13 +541,14 @@ def up(directory: Path = DEFAULT_DIR, workers: int = 2, pg_url: str = DEFAULT_PG
                                            worker_env))
             write_state(directory, state)
             if i == 0 and workers > 1:
-                wait_study_ready(storage, study_name, state["services"][-1])
+                wait_study_ready(storage, study_name, state["services"][-1],
+                                 passfile=passfile if passfile.is_file() else None)
     except BaseException:
         for service in reversed(state["services"]):
             stop(service)
-        if state.get("databases_created"):
-            drop_databases(pg_url, state["databases_created"])
-        state["services"], state["databases"] = [], []
+        if state.get("databases_created") or state.get("roles_created"):
+            drop_databases(pg_url, state.get("databases_created", []), state.get("roles_created", []))
+        state["services"], state["databases"], state["roles"] = [], [], []
         write_state(directory, state)
         raise
     write_state(directory, state)
@@ -493,14 +557,16 @@ def up(directory: Path = DEFAULT_DIR, workers: int = 2, pg_url: str = DEFAULT_PG
 
 def down(directory: Path = DEFAULT_DIR, drop: bool = False, pg_url: str | None = None,
          timeout: float = STOP_TIMEOUT_S) -> list[str]:
-    """Stop what `up` started from `directory` (workers first); returns the names of the services stopped."""
+    """Stop what `up` started from `directory` (workers first); returns the names of the services stopped.
+    drop: also drop the databases and roles `up` made (admin password from --pg-url, DIR/pgpass or ~/.pgpass)."""
     state = read_state(directory)
     if state is None:
         return []
     stopped = [s["name"] for s in reversed(state["services"]) if stop(s, timeout=timeout)]
-    if drop and state.get("databases"):
-        drop_databases(pg_url or state["pg_url"], state["databases"])
-        state["databases"] = []
+    if drop and (state.get("databases") or state.get("roles")):
+        drop_databases(pg_url or state["pg_url"], state.get("databases", []), state.get("roles", []),
+                       passfile=Path(directory) / "pgpass")
+        state["databases"], state["roles"] = [], []
     write_state(directory, state)
     return stopped
 
@@ -529,10 +595,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start the stack")
     p_up.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="logs, PIDs (state.json), artifacts, runs")
     p_up.add_argument("--workers", type=int, default=2)
-    p_up.add_argument("--pg-url", default=DEFAULT_PG_URL, help="an admin connection to the PostgreSQL server")
-    p_up.add_argument("--mlflow-db", default=MLFLOW_DB)
-    p_up.add_argument("--optuna-db", default=OPTUNA_DB)
-    p_up.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to let workers on other machines in")
+    p_up.add_argument("--pg-url", default=DEFAULT_PG_URL,
+                      help="an admin connection to the PostgreSQL server (its password: ~/.pgpass or PGPASSWORD)")
+    p_up.add_argument("--mlflow-db", default=MLFLOW_DB, help="MLflow's database, and the name of its role")
+    p_up.add_argument("--optuna-db", default=OPTUNA_DB, help="Optuna's database, and the name of its role")
+    p_up.add_argument("--host", default="127.0.0.1",
+                      help="address MLflow listens on; 0.0.0.0 (behind a firewall) or a private address lets workers "
+                           "on other machines in (and turns on basic auth, see --auth)")
+    p_up.add_argument("--allowed-hosts", default=None,
+                      help="more Host headers MLflow accepts, comma-separated (name, name:port, name:*): the name "
+                           "remote workers use in --tracking-uri (default $MLFLOW_ALLOWED_HOSTS)")
+    p_up.add_argument("--auth", choices=("auto", "on", "off"), default="auto",
+                      help="MLflow basic-auth app (user admin, password $MLFLOW_ADMIN_PASSWORD or generated into "
+                           "DIR/mlflow_admin_password); auto: on when --host is not a loopback address")
     p_up.add_argument("--mlflow-port", type=int, default=5000)
     p_up.add_argument("--dashboard-port", type=int, default=8080)
     p_up.add_argument("--study-name", default=STUDY_NAME)
@@ -542,13 +617,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("--worker-threads", type=int, default=0, help="torch (and OMP/MKL) threads per worker (0: cores // 1)")
     p_up.add_argument("--workers-only", action="store_true",
                       help="start only workers, against --storage and --tracking-uri of a stack elsewhere")
-    p_up.add_argument("--storage", default=None, help="with --workers-only: the Optuna storage URL")
-    p_up.add_argument("--tracking-uri", default=None, help="with --workers-only: the MLflow server URL")
+    p_up.add_argument("--storage", default=os.environ.get("MVFOULS_STORAGE"),
+                      help="with --workers-only: the Optuna storage URL (default $MVFOULS_STORAGE; a password in it "
+                           "goes to DIR/pgpass, not to the workers' command lines)")
+    p_up.add_argument("--tracking-uri", default=os.environ.get("MVFOULS_TRACKING_URI"),
+                      help="with --workers-only: the MLflow server URL (default $MVFOULS_TRACKING_URI)")
     p_up.add_argument("worker_args", nargs=argparse.REMAINDER,
                       help="after --: more `python -m mvfouls_ab.study` options, e.g. -- --timeout 3600")
     p_down = sub.add_parser("down", help="stop what `up` started")
     p_down.add_argument("--dir", type=Path, default=DEFAULT_DIR)
-    p_down.add_argument("--drop-databases", action="store_true", help="also drop the databases `up` used")
+    p_down.add_argument("--drop-databases", action="store_true", help="also drop the databases and roles `up` made")
     p_down.add_argument("--pg-url", default=None, help="admin URL for --drop-databases (default: the one of up)")
     p_status = sub.add_parser("status", help="what runs, and whether the servers answer")
     p_status.add_argument("--dir", type=Path, default=DEFAULT_DIR)
@@ -558,10 +636,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [a for a in args.worker_args if a != "--"]
         state = up(args.dir, args.workers, args.pg_url, args.mlflow_db, args.optuna_db, args.host,
                    args.mlflow_port, args.dashboard_port, args.study_name, args.trials, args.profile, args.data,
-                   args.worker_threads, extra, args.workers_only, args.storage, args.tracking_uri)
+                   args.worker_threads, extra, args.workers_only, args.storage, args.tracking_uri,
+                   extra_allowed_hosts=args.allowed_hosts, auth=args.auth)
         for name, url in state.get("urls", {}).items():
             print(f"{name:10s} {url}")
-        print(f"{'storage':10s} {redact(state['storage'])}")
+        print(f"{'storage':10s} {redact(state['storage'])}  (password: PGPASSFILE={Path(state['dir']) / 'pgpass'})")
+        if state.get("auth"):
+            print(f"{'auth':10s} MLflow basic auth on: user {ADMIN_USER}, password in {state['admin']['password_file']}")
         print(f"started {len(state['services'])} processes; logs in {Path(state['dir']) / 'logs'}; "
               f"stop with: python tracking/stack.py down --dir {state['dir']}")
     elif args.cmd == "down":

@@ -171,7 +171,7 @@ class ClipCache:
         if not todo:
             return 0
         jobs = [(str(clip.path), action_id, window, str(self.file_for(clip, window))) for clip, action_id in todo]
-        bar = tqdm(total=len(jobs), desc=f"decoding clips ({window.num_frames}x{window.size}px)", unit="clip",
+        bar = tqdm(total=len(jobs), desc=f"decoding clips ({window.num_frames}x{window.height}x{window.out_width}px)", unit="clip",
                    disable=not progress)
         try:
             if workers <= 1:
@@ -204,7 +204,7 @@ class ClipCache:
         self.load_packs()
         if digest not in self._loaded:
             rows = tqdm(self._windows(clips, keys, window), total=len(keys), unit="clip", disable=not progress,
-                        desc=f"packing clips ({window.num_frames}x{window.size}px)")
+                        desc=f"packing clips ({window.num_frames}x{window.height}x{window.out_width}px)")
             _save_pack(base, keys, _shape(window), rows)
             self.load_packs()
             if digest not in self._loaded:
@@ -362,7 +362,7 @@ class MultiViewDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         action = self.split.actions[index]
         w = self.window
-        clips = np.zeros((self.width, 3, w.num_frames, w.size, w.size), np.uint8)
+        clips = np.zeros((self.width, *w.shape), np.uint8)
         mask = np.zeros(self.width, bool)
         for slot, view in enumerate(self.view_indices(index)):
             clips[slot] = self.cache.get(action.clips[view], w, action.action_id)

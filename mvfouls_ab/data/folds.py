@@ -50,17 +50,21 @@ def holdout_split(action: np.ndarray, severity: np.ndarray, share: float,
     n = len(action)
     if share <= 0 or n < 4:
         return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    from sklearn.model_selection import train_test_split
-
-    y = stratification_labels(np.asarray(action), np.asarray(severity), 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        _fit, held = train_test_split(np.arange(n), test_size=share, random_state=seed, stratify=y)
-    held = set(held.tolist())
-    for task_y in (np.asarray(action), np.asarray(severity)):   # a rare class gets one held-out example at least
+    rng = np.random.default_rng(seed)
+    groups = stratification_labels(np.asarray(action), np.asarray(severity), 2)
+    held: set[int] = set()
+    for g in sorted(set(groups)):                   # the share of each joint-label group, randomly rounded
+        members = rng.permutation(np.flatnonzero(groups == g))
+        held.update(members[:int(np.floor(share * len(members) + rng.random()))].tolist())
+    for task_y in (np.asarray(action), np.asarray(severity)):   # every class of 2+ on both sides
         for c in np.unique(task_y):
             members = np.flatnonzero(task_y == c)
-            if len(members) >= 2 and not held.intersection(members.tolist()):
-                held.add(int(members[-1]))
+            if len(members) < 2:
+                continue
+            inside = [int(i) for i in members if int(i) in held]
+            if not inside:
+                held.add(int(rng.choice(members)))
+            elif len(inside) == len(members):
+                held.discard(int(rng.choice(members)))
     holdout = np.array(sorted(held), dtype=np.int64)
     return np.setdiff1d(np.arange(n), holdout).astype(np.int64), holdout

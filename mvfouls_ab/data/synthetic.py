@@ -831,6 +831,8 @@ def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
     frame_y = rng.uniform(-0.2, 0.2) * HEIGHT * spread + 0.9 * scale * np.cos(elevation)
     light = rng.uniform(0.85, 1.1)
     drift = rng.uniform(0, 2 * np.pi, 4)
+    jolt = rng.uniform(0, 1, 4)          # the operator re-frames once, at a random time (class-independent motion)
+    shake = rng.uniform(0, 1, 3)         # hand-held shake
     occ = rng.random() < cam.occlusion
     occ_draw = rng.uniform(0, 1, 5)
     # Time: scene time tau in units of EVENT_HALF (slowed in replays); the event frame is appended to fix the
@@ -854,6 +856,9 @@ def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
     cam_tau = tau - sc.lag
     cx = sc.speed * per_tau * _travel(cam_tau)[0] - sc.gap / 2 + CLUTTER * 0.5 * np.sin(0.3 * tau + drift[0])
     cy = sc.lat / 2 + CLUTTER * 0.4 * np.sin(0.25 * tau + drift[1])
+    reframe = CLUTTER * 2.5 * jolt[0] * _ease(tau, -1.3 + 2.6 * jolt[1], -1.1 + 2.6 * jolt[1] + 0.4 * jolt[2])
+    cx = cx + reframe * np.cos(2 * np.pi * jolt[3])
+    cy = cy + reframe * np.sin(2 * np.pi * jolt[3])
     if occ:   # a player crossing between the camera and the foul, close to the camera
         near = -(2.0 + 2.5 * occ_draw[0])
         along = (occ_draw[1] - 0.5) * 1.2 + (occ_draw[2] * 2 - 1) * 4.0 * per_tau * (tau - (occ_draw[3] - 0.5) * 0.6)
@@ -864,7 +869,10 @@ def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
                         sc.kits[int(occ_draw[4] * 2)], sc.skins[5]))
     sx_exact = scale * (cx * right[0] + cy * right[1])
     sy_exact = -scale * np.sin(elevation) * (cx * depth[0] + cy * depth[1])
-    shift_x, shift_y = np.rint(sx_exact).astype(np.int64), np.rint(sy_exact).astype(np.int64)
+    frame_t = np.append(t, event).astype(np.float64)
+    wobble = CLUTTER * 1.5 * shake[0] * np.sin(2 * np.pi * (0.23 + 0.2 * shake[1]) * frame_t + 7 * shake[2])
+    shift_x = np.rint(sx_exact + wobble).astype(np.int64)
+    shift_y = np.rint(sy_exact + 0.7 * wobble * np.cos(1.7 * frame_t)).astype(np.int64)
     sin_el, cos_el = float(np.sin(elevation)), float(np.cos(elevation))
 
     def project(P: np.ndarray) -> np.ndarray:   # [n, ..., 3] world -> [n, ..., 2] pixels of the frame

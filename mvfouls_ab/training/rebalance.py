@@ -1,12 +1,12 @@
 """SmartRebalancer as plain functions: capped class weights, per-sample sampler weights, the balanced subset.
 
-Class weights (``class_weights``): inverse frequency ``1 / n_c`` over the classes present (n_c > 0), normalized
-to mean 1 over those classes, then clipped to ``[1 / cap, cap]`` (not renormalized afterwards, so the cap holds
-exactly). The lower clip is what makes the cap mean "at most ``cap`` times the average class, in either
-direction": with an upper clip only, the frequent classes' weights (0.07 for No card) would keep a 20x+ ratio
-even at cap 1.5. Pass ``floor=0`` for an upper clip only. Absent classes get weight 1. Example, the real Train
-severity counts 304/1303/685/27: [0.31, 0.072, 0.137, 3.48] before the cap, [0.667, 0.667, 0.667, 1.5] at cap 1.5
-and [0.333, 0.333, 0.333, 3.0] at cap 3.
+Class weights (``class_weights``): inverse frequency ``1 / n_c`` over the classes present (n_c > 0), compressed so
+the largest weight is at most ``cap`` times the smallest (the design's cap: "up to 10x" means max/min <= 10), then
+normalized to mean 1 over the present classes (normalizing keeps the ratios, so the cap holds exactly). Each
+weight is ``min(n_max / n_c, cap)`` before normalizing: classes up to ``cap`` times rarer than the most frequent
+one get their full inverse-frequency weight, rarer ones share the cap. Absent classes get weight 1. Example, the
+real Train severity counts 304/1303/685/27: [0.31, 0.072, 0.137, 3.48] uncapped (48x), [1.125, 0.75, 1.125,
+1.125] at cap 1.5 and [1.33, 0.44, 0.85, 1.33] at cap 3 (max/min = 3).
 
 Sample weights (``sample_weights``), for ``torch.utils.data.WeightedRandomSampler``: per task, a weight per class,
 normalized so the weights average 1 over the *samples*:
@@ -33,10 +33,10 @@ from ..labels import CLASS_SLUGS, NUM_CLASSES, TASKS
 SAMPLE_KINDS = ("none", "balanced", "sqrt", "progressive")
 
 
-def class_weights(counts: Sequence[int] | np.ndarray, cap: float | None, floor: float | None = None) -> np.ndarray:
-    """Inverse-frequency class weights, mean 1 over present classes, clipped to [floor, cap].
+def class_weights(counts: Sequence[int] | np.ndarray, cap: float | None) -> np.ndarray:
+    """Inverse-frequency class weights with max/min <= ``cap``, mean 1 over present classes (module docstring).
 
-    ``floor`` defaults to ``1 / cap``; ``cap`` None or inf: no clipping at all.
+    ``cap`` None or inf: plain inverse frequency, mean 1.
     """
     c = np.asarray(counts, dtype=np.float64)
     if c.ndim != 1 or (c < 0).any():
@@ -44,34 +44,43 @@ def class_weights(counts: Sequence[int] | np.ndarray, cap: float | None, floor: 
     w = np.ones_like(c)
     present = c > 0
     if present.any():
-        inv = 1.0 / c[present]
-        w[present] = inv / inv.mean()
-    return _clip(w, cap, floor)
+        w[present] = 1.0 / c[present]
+    return _cap(w, present, cap)
 
 
-def _clip(w: np.ndarray, cap: float | None, floor: float | None) -> np.ndarray:
-    if cap is None or not math.isfinite(cap):
+def _cap(w: np.ndarray, present: np.ndarray, cap: float | None) -> np.ndarray:
+    """Compress the present classes' weights to max/min <= cap, then normalize them to mean 1."""
+    w = w.astype(np.float64, copy=True)
+    if not present.any():
         return w
-    if not cap >= 1:
-        raise ConfigError(located("config", f"class-weight cap {cap} must be >= 1 (weights average 1)",
-                                  "set max_weight_phase1/2/3 to 1 or more"))
-    return np.clip(w, 1.0 / cap if floor is None else floor, cap)
+    if cap is not None and math.isfinite(cap):
+        if not cap >= 1:
+            raise ConfigError(located("config", f"class-weight cap {cap} must be >= 1 (the largest class weight "
+                                      "over the smallest)", "set max_weight_phase1/2/3 to 1 or more"))
+        low = w[present].min()
+        w[present] = np.minimum(w[present], low * cap)
+    w[present] = w[present] / w[present].mean()
+    return w
 
 
 def targeted_weights(counts: Sequence[int] | np.ndarray, recalls: Sequence[float] | np.ndarray, cap: float | None,
-                     target: float = 0.45, strength: float = 1.0, floor: float | None = None) -> np.ndarray:
-    """Phase-3 weights: class_weights boosted for classes still under ``target`` recall, clipped like class_weights.
+                     target: float = 0.45, strength: float = 1.0) -> np.ndarray:
+    """Phase-3 weights: inverse frequency boosted for classes still under ``target`` recall, capped like
+    class_weights (max/min <= ``cap``, mean 1).
 
-    ``w_c = class_weights(counts, None)_c * (1 + strength * max(0, target - r_c) / target)``: a class at 0 recall
-    gets ``1 + strength`` times its weight, a class at or above ``target`` (default: the design's 45% goal) none.
-    NaN recalls (class absent from Valid) get no boost.
+    ``w_c = (1 / n_c) * (1 + strength * max(0, target - r_c) / target)``: a class at 0 recall gets ``1 + strength``
+    times its weight, a class at or above ``target`` (default: the design's 45% goal) none. NaN recalls (class
+    absent from the held-out part of Train) get no boost.
     """
+    c = np.asarray(counts, dtype=np.float64)
     r = np.asarray(recalls, dtype=np.float64)
-    base = class_weights(counts, None)
-    if r.shape != base.shape:
-        raise ValueError(f"{r.size} recalls for {base.size} classes")
+    if r.shape != c.shape:
+        raise ValueError(f"{r.size} recalls for {c.size} classes")
+    present = c > 0
+    base = np.ones_like(c)
+    base[present] = 1.0 / c[present]
     gap = np.where(np.isnan(r), 0.0, np.clip(target - r, 0.0, None) / target)
-    return _clip(base * (1.0 + strength * gap), cap, floor)
+    return _cap(base * (1.0 + strength * gap), present, cap)
 
 
 def parse_oversample(spec: str) -> dict[tuple[str, int], float]:

@@ -219,7 +219,7 @@ def _train(cfg: TrainingConfig, data: DataBundle, folder: Path, progress: bool,
     start = 0
     stage = folder / "stage.pt"
     if stage.is_file():
-        state = torch.load(stage, map_location="cpu", weights_only=True)
+        state = ckpt.load(stage)
         backbone.load_state_dict(state["backbone"])
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
@@ -234,6 +234,7 @@ def _train(cfg: TrainingConfig, data: DataBundle, folder: Path, progress: bool,
                desc=f"representation ({cfg.backbone}, {cfg.rep_recipe})", disable=not progress)
     for epoch in range(start, cfg.rep_epochs):
         t0 = time.perf_counter()
+        torch.manual_seed(seed * 10_000 + epoch)    # dropout: the same draws whether or not the stage resumed
         backbone.train()
         heads.train()
         order = _order(cfg, fit, y, rng)
@@ -268,13 +269,13 @@ def _train(cfg: TrainingConfig, data: DataBundle, folder: Path, progress: bool,
         bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", holdout=f"{metrics['holdout/score']:.3f}")
         if metrics["holdout/score"] > best["score"]:
             best = {"score": metrics["holdout/score"], "state": ckpt.cpu_state_dict(backbone)}
-        if log_epoch is not None:
-            log_epoch(epoch, metrics)
         ckpt.save_atomic({"backbone": backbone.state_dict(), "heads": heads.state_dict(),
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "np_rng": json.dumps(rng.bit_generator.state), "torch_rng": gen.get_state(),
                           "history": json.dumps(history), "best_score": best["score"], "best_state": best["state"],
                           "epoch": epoch + 1}, stage)
+        if log_epoch is not None:
+            log_epoch(epoch, metrics)
     bar.close()
     return best["state"], history
 
@@ -291,7 +292,8 @@ def learn_representation(cfg: TrainingConfig, data: DataBundle, progress: bool =
         fcntl.flock(lock, fcntl.LOCK_EX)     # one process trains; others started with it wait, then read it
         if not (weights.is_file() and meta.is_file()):
             computed = True
-            state, history = _train(cfg, data, folder, progress, log_epoch)
+            with torch.random.fork_rng(devices=[]):     # the caller's global RNG is left as it was
+                state, history = _train(cfg, data, folder, progress, log_epoch)
             ckpt.save_atomic(state, weights)
             info = {**parts, "key": key, "history": history, "seconds": round(time.perf_counter() - started, 1),
                     "fit_actions": len(split_train(cfg, data)[0])}
