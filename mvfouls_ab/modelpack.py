@@ -41,9 +41,6 @@ import numpy as np
 from .errors import MVFoulsError, located
 from .labels import ACTION_CLASSES, SEVERITY_CLASSES, SEVERITY_PREDICTION_STRINGS, TASKS
 
-# MLflow suggests type hints on PythonModel.predict (its signature is given explicitly here instead).
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-
 PACK_VERSION = 1
 MODEL_NAME = "model"                 # the logged model's name in its run (runs:/<id>/model)
 LOCAL_MODEL_DIR = "mlflow_model"     # the pyfunc model saved in a run folder (predict --model RUN_DIR)
@@ -262,10 +259,15 @@ def _pyfunc_base():
     return mlflow.pyfunc.PythonModel
 
 
-with warnings.catch_warnings():   # MLflow suggests type hints; the signature above is explicit instead
+_PythonModel = _pyfunc_base()    # imports mlflow.pyfunc, which installs warning filters of its own
+# MLflow suggests type hints on PythonModel.predict (at class creation and again when a model is loaded); the
+# signature is given explicitly instead.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+
+with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
 
-    class MVFoulsPyfunc(_pyfunc_base()):
+    class MVFoulsPyfunc(_PythonModel):
         """pyfunc: DataFrame(action_id, clips) -> DataFrame(action_id, action_class, offence, severity, indices)."""
 
         def load_context(self, context) -> None:

@@ -624,7 +624,7 @@ def parent_run(study: Any, args: argparse.Namespace, ctx_tags: dict[str, Any]) -
     return tracker
 
 
-def run_exists(client: Any, run_id: str, tracking_uri: str, attempts: int = 8) -> bool:
+def run_exists(client: Any, run_id: str, tracking_uri: str, attempts: int = 12) -> bool:
     """False only when MLflow answers that the run does not exist (RESOURCE_DOES_NOT_EXIST) or is deleted. Any other
     error (a timeout, a restarting server) is retried with backoff, then reported as a StudyError: a server that
     does not answer is no reason to start a second parent run."""
@@ -853,10 +853,7 @@ def stopped(study: Any, ctx: StudyContext, tracker: RunTracker, procs: list[subp
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(120)
-    if coordinator:
-        tracker.end("KILLED", flush_timeout=5.0)      # the parent run; a later `study` resumes it
-    else:
-        tracker.logger.close(5.0)
+    tracker.logger.close(5.0)     # the parent run stays open: other workers (or a later start) carry on with it
 
 
 def start_workers(args: argparse.Namespace, until: int) -> list[subprocess.Popen]:

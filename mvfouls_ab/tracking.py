@@ -163,10 +163,15 @@ def context_tags() -> dict[str, str]:
     try:
         from mlflow.tracking.context.registry import resolve_tags
 
-        return {k: str(v) for k, v in resolve_tags({}).items()}
+        tags = {k: str(v) for k, v in resolve_tags({}).items()}
     except Exception as exc:  # noqa: BLE001 - tags are a nicety: never fail a run for them
         log.info("MLflow context tags unavailable: %s", exc)
-        return {}
+        tags = {}
+    if "mlflow.source.git.commit" not in tags:    # the entry point is outside the checkout (pytest, a notebook)
+        commit = git_commit()
+        if commit != "unknown":
+            tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def git_commit() -> str:
@@ -550,6 +555,13 @@ def execute(client, op: dict, state: RunLogger | _RunRef) -> int:
             return 0
         return log_model_dir(client, state.run_id, op["dir"], op.get("name", "model"), int(op.get("step", 0)),
                              op.get("tags"))
+    elif kind == "backfill":      # a resumed run's checkpointed epochs that the run does not have yet
+        have = {m.step for m in client.get_metric_history(state.run_id, op["key"])}
+        items = [Metric(k, float(v), int(rec["ts"]), int(rec["step"])) for rec in op["records"]
+                 if int(rec["step"]) not in have for k, v in rec["values"].items()]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            client.log_batch(state.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+        return 1 + -(-len(items) // MAX_METRICS_PER_BATCH)
     elif kind == "terminate":
         client.set_terminated(state.run_id, status=op["status"])
     else:
@@ -907,17 +919,16 @@ class MLflowSink:
     def backfill(self, records: list) -> int:
         """Log the records of a resumed run that MLflow does not have yet (a worker killed after writing an epoch's
         checkpoint but before its metrics were sent). Steps already in the run are skipped, so nothing repeats."""
-        if not records or not self.tracker.wait_run_id(30.0):
+        if not records:
             return 0
-        key = f"{records[0].split}/leaderboard"
-        try:
-            have = {m.step for m in self.tracker.client.get_metric_history(self.tracker.run_id, key)}
-        except Exception as exc:  # noqa: BLE001 - unreachable server: log everything again rather than lose it
-            log.warning("MLflow history of %s unavailable (%s); re-sending resumed epochs", self.tracker.run_id, exc)
-            have = set()
-        missing = [r for r in records if int(r.step) not in have]
-        for rec in missing:
-            self.tracker.log_metrics(run_metrics(rec.to_mlflow()), step=int(rec.step))
+        # one op, sent by the logger thread in order and retried like every other: it reads the run's history
+        # there (also when the server is down now) and logs the missing steps only, so nothing is logged twice
+        ts = int(time.time() * 1000)
+        self.tracker.logger.submit({"op": "backfill", "key": f"{records[0].split}/leaderboard", "records": [
+            {"step": int(r.step), "ts": ts, "values": {k: float(v) for k, v in run_metrics(r.to_mlflow()).items()
+                                                       if v is not None and np.isfinite(float(v))}}
+            for r in records]})
+        missing = records
         if records:
             self.history = [{**run_metrics(r.to_mlflow()), "_step": int(r.step)} for r in records]
             self.confusion = {int(r.step): (str(r.phase), {k: np.asarray(v).tolist() for k, v in cms.items()})

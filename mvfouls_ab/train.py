@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_config(args)   # config and path errors first, before the heavy imports
+        from .tracking import check_tracking_uri
+
+        check_tracking_uri(args.tracking_uri)
         if args.data is not None and not Path(args.data).is_dir():
             raise MVFoulsError(located(args.data, "data folder not found", "pass the folder that holds Train/ "
                                        "Valid/ Test/, or leave --data out to use the synthetic data set"))
@@ -161,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", exc, flush_timeout=10.0)
             raise
         finish_tracking(tracker, mlflow_sink, cfg, result, data, out)
+        if result.extras.get("representation", {}).get("computed"):   # the stage ran here: its own MLflow run
+            from .training.representation import learned_representation, log_representation_run
+
+            log_representation_run(learned_representation(cfg, data), args.tracking_uri, args.experiment)
     except MVFoulsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -339,7 +339,7 @@ def test_analyze_bad_input_names_the_file_the_problem_and_the_fix(tmp_path: Path
         expect = "fewer than 2 folds"
     elif case == "non-numeric":
         _cells_csv(csv, rows_extra="A,9,0,heldout/leaderboard,high\n")
-        expect = "non-numeric value (line 26: 'high')"
+        expect = "non-numeric value (line 74: 'high')"
     elif case == "missing file":
         expect = "file not found"
     elif case == "duplicate":

@@ -362,3 +362,42 @@ def test_hand_back_enqueues_the_same_trial_and_does_not_use_up_retries(tmp_path)
     study_mod.StaleTrialRetry(max_retry=1)(study, storage.get_trial(third._trial_id))
     assert study.trials[-1].state == optuna.trial.TrialState.WAITING
     assert study.trials[-1].system_attrs["retry_history"] == [0, 1, 2]
+
+
+# ---- out of memory outside the training step ---------------------------------------------------------------------
+def test_oom_degrades_batch_then_cpu_before_failing():
+    """Fault injection: an evaluation that runs out of memory above 16 samples on the accelerator, or always on it."""
+    from mvfouls_ab.oom import degrade, is_oom
+
+    events, calls = [], []
+
+    def record(kind, **detail):
+        events.append((kind, detail))
+
+    def evaluate(batch, device):
+        calls.append((batch, device.type))
+        if device.type == "cuda" and batch > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return batch, device.type
+
+    assert degrade(evaluate, 64, "cuda", on_event=record) == (16, "cuda")
+    assert [e[0] for e in events] == ["oom_eval_batch", "oom_eval_batch"] and calls[-1] == (16, "cuda")
+
+    events.clear()
+
+    def never_fits(batch, device):
+        if device.type == "cuda":
+            raise RuntimeError("CUDA error: out of memory")
+        return device.type
+
+    assert degrade(never_fits, 8, "cuda", min_batch=2, on_event=record) == "cpu"
+    assert [e[0] for e in events] == ["oom_eval_batch", "oom_eval_batch", "oom_eval_cpu"]
+
+    def always(batch, device):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        degrade(always, 4, "cpu")
+    with pytest.raises(ValueError):                   # anything else is not an OOM: raised at once
+        degrade(lambda b, d: (_ for _ in ()).throw(ValueError("bad")), 4, "cuda")
+    assert is_oom(torch.OutOfMemoryError("x")) and not is_oom(RuntimeError("shape mismatch"))

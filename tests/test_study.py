@@ -95,6 +95,10 @@ def test_sqlite_study_tracks_ranks_and_prunes(setup, tmp_path, capsys):
         assert len(t.intermediate_values) == 4                  # trial.report every epoch
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri " + tracking in out and "optuna-dashboard " + storage in out
+    assert out.index("watch it in") < out.index("trial 0 COMPLETE")            # where to look, at the start
+    assert re.search(r"^trial 1 COMPLETE \| valid leaderboard [\d.]+ \| targets \d/6 \| best trial \d \([\d.]+\) "
+                     r"\| 2/2 finished$", out, re.MULTILINE), out
+    assert f"Model:   models:/mvfouls-sq@champion (version 1, trial {result['best']})" in out
     assert (tmp_path / "runs" / "sq" / "leaderboard.csv").is_file()
     assert Path(result["test"]["predictions"]).is_file()
 
@@ -102,8 +106,14 @@ def test_sqlite_study_tracks_ranks_and_prunes(setup, tmp_path, capsys):
     (parent,), kids = children(client, "sq")
     assert parent.info.run_id == study.user_attrs["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
     assert len(kids) == 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in kids)
+    assert client.get_experiment_by_name("sq").tags["mlflow.experimentKind"] == "custom_model_development"
+    champion = client.get_model_version_by_alias("mvfouls-sq", "champion")
+    assert champion.run_id == study.trials[result["best"]].user_attrs["mlflow_run_id"]
     for run in kids:
         assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"trial-{int(run.data.tags['optuna.trial_number']):04d}-{run.data.tags['variant']}"
+        assert {"mlflow.user", "mlflow.source.name", "mlflow.source.git.commit"} <= set(run.data.tags)
+        assert run.outputs.model_outputs and not [k for k in run.data.metrics if "/confusion/" in k]
         assert {"variant", "phase_plan", "optuna.trial_number", "data_fingerprint", "git_commit"} <= set(run.data.tags)
         counts = {k: int(v) for k, v in run.data.params.items() if k.startswith("parameters_")}
         assert run.data.params["phase2_epochs"] == "2" and len(run.data.params) == len(TrainingConfig().flat()) + 4

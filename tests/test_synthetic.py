@@ -20,7 +20,8 @@ from mvfouls_ab.data.annotations import load_split
 from mvfouls_ab.errors import MVFoulsError
 from mvfouls_ab.synth import main as synth_main
 
-TINY = 0.01          # with MIN_PER_CLASS: ~40 kept actions per labelled split
+TINY = 0.01          # with MINI: ~16 kept actions per labelled split (~190 clips in all)
+MINI = 2             # least actions per class in the tiny data set (every class of both tasks, every filter rule)
 ACTION_KEYS = {"UrlLocal", "Offence", "Contact", "Bodypart", "Upper body part", "Action class", "Severity",
                "Multiple fouls", "Try to play", "Touch ball", "Handball", "Handball offence", "Clips"}
 CLIP_KEYS = {"Url", "Camera type", "Timestamp", "Replay speed"}
@@ -33,7 +34,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_root(cache_dir: Path) -> Path:
-    return synthetic.default_data_root(cache_dir, scale=TINY, seed=0, progress=False)
+    """A tiny data set where default_data_root looks for it (written with MINI per class to keep the test fast)."""
+    root = cache_dir / "synthetic" / synthetic.default_root_name(TINY, seed=0)
+    return synthetic.generate(root, scale=TINY, seed=0, min_per_class=MINI)
 
 
 def test_layout_and_keys_match_the_real_format(tiny_root: Path) -> None:
@@ -73,10 +76,10 @@ def cache_dir_of(root: Path) -> Path:
 def test_annotations_load_and_filtered_counts_match_the_targets(tiny_root: Path) -> None:
     for split in synthetic.LABELLED:
         loaded = load_split(tiny_root, split)
-        targets = synthetic.kept_targets(split, TINY)
+        targets = synthetic.kept_targets(split, TINY, MINI)
         assert loaded.class_counts("action").tolist() == targets["action"].tolist()
         assert loaded.class_counts("severity").tolist() == targets["severity"].tolist()
-        assert (targets["action"] >= min(synthetic.MIN_PER_CLASS, 3)).all()
+        assert (targets["action"] >= MINI).all() and (targets["severity"] >= MINI).all()
         assert all(n >= 1 for rule, n in loaded.dropped.items() if rule != labels.RULE_UNMAPPED)
     chall = load_split(tiny_root, "Chall")
     assert len(chall.actions) >= 2 and chall.actions[0].action is None
@@ -159,11 +162,11 @@ def test_each_action_class_is_its_own_pose_and_contact() -> None:
         pelvis = {a: off[at, s.PELVIS, 2] for a, (off, _) in bodies.items()}
         foot = {a: off[at, [s.L_FOOT, s.R_FOOT], 2].max() for a, (off, _) in bodies.items()}
         assert pelvis[0] < 0.5 < min(v for a, v in pelvis.items() if a != 0)        # Tackling: slides in low
-        assert foot[2] > 1.2 > 0.8 > max(v for a, v in foot.items() if a != 2)       # High leg: foot up high
+        assert foot[2] > 1.2 and max(v for a, v in foot.items() if a != 2) < 0.8     # High leg: foot up high
         assert 0.4 < foot[1] < 0.8                                                   # Standing tackling: reaching
         for a in range(7):                                                            # contact, except ...
             assert _gap(*bodies[a])[CONTACT].min() < 0.2, a
-        assert _gap(*bodies[7]).min() > 0.8                                           # ... the Dive: none at all
+        assert _gap(*bodies[7])[TAU > -0.5].min() > 0.8                               # ... the Dive: none at all
         off, vic = bodies[7]
         assert vic[-1, s.PELVIS, 2] < 0.3 < off[-1, s.PELVIS, 2]                    # he falls, on his own
         off, vic = bodies[3]                                                          # Holding: a hand on the
@@ -216,9 +219,9 @@ def test_fast_rgb_conversion_matches_a_plain_copy() -> None:
 def test_generation_is_deterministic_for_a_seed(tiny_root: Path, tmp_path: Path) -> None:
     """The same seed writes the same bytes: annotations, and the clips of a few actions written again."""
     for split in synthetic.LABELLED:
-        doc = synthetic.annotations_doc(split, synthetic.plan_split(split, TINY, seed=0))
+        doc = synthetic.annotations_doc(split, synthetic.plan_split(split, TINY, seed=0, min_per_class=MINI))
         assert json.dumps(doc, indent=1) == (tiny_root / split / "annotations.json").read_text()
-    specs = synthetic.plan_split("Valid", TINY, seed=0)[:3]
+    specs = synthetic.plan_split("Valid", TINY, seed=0, min_per_class=MINI)[:3]
     for spec in specs:
         synthetic._write_action((tmp_path, spec))
         for k in range(len(spec.views)):

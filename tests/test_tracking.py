@@ -396,10 +396,21 @@ def test_figure_html_is_plotlys_cdn_page():
 
 
 # ---- MLflow UI conventions: experiment kind, standard run tags, table-only values, logged models ----------------
-def test_experiments_open_as_custom_model_development_and_runs_carry_context_tags(in_tmp, tmp_path):
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One SQLite store for the tests below (creating MLflow's tables takes seconds); artifacts in its folder."""
+    d = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(d)
+        uri = f"sqlite:///{d / 'm.db'}"
+        MlflowClient(uri).search_experiments()          # creates the tables
+        yield uri
+
+
+def test_experiments_open_as_custom_model_development_and_runs_carry_context_tags(shared_store):
     from mvfouls_ab.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, context_tags, experiment_url
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = shared_store
     client = MlflowClient(uri)
     tracker = RunTracker(uri, "kind-test", "trial-0000-simplified")
     tracker.end("FINISHED")
@@ -419,7 +430,7 @@ def test_experiments_open_as_custom_model_development_and_runs_carry_context_tag
     assert experiment_url("http://h:5000/", "7") == "http://h:5000/#/experiments/7?workflowType=machine_learning"
 
 
-def test_confusion_cells_go_to_a_table_not_to_metric_series(in_tmp, tmp_path):
+def test_confusion_cells_go_to_a_table_not_to_metric_series(shared_store, tmp_path):
     from mvfouls_ab.tracking import MLflowSink, confusion_table, run_metrics
 
     recs = records(3)
@@ -427,11 +438,11 @@ def test_confusion_cells_go_to_a_table_not_to_metric_series(in_tmp, tmp_path):
     kept = run_metrics(full)
     assert len(full) - len(kept) == (64 + 16) + (8 + 4) + (8 + 4)     # matrix cells, supports, predicted counts
     assert not [k for k in kept if "/confusion/" in k or "/support/" in k or "/predicted/" in k]
-    assert {"val/action/recall/dive", "val/severity/f1/red_card", "val/action/macro_recall", "lr"} <= set(kept)
+    assert {"val/action/recall/dive", "val/severity/f1/red_card", "val/action/macro_recall", "val/loss"} <= set(kept)
     table = confusion_table({0: ("p1", {"action": np.eye(8, dtype=int).tolist()})})
     assert len(table["count"]) == 64 and table["true_class"][9] == "Standing tackling"
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = shared_store
     tracker = RunTracker(uri, "table-test", "trial-0000-simplified", run_dir=tmp_path)
     sink = MLflowSink(tracker)
     for rec in recs:
@@ -452,7 +463,7 @@ def test_confusion_cells_go_to_a_table_not_to_metric_series(in_tmp, tmp_path):
     assert len(table["data"]) == 3 * (64 + 16)
 
 
-def test_a_saved_model_folder_becomes_the_runs_logged_model(in_tmp, tmp_path):
+def test_a_saved_model_folder_becomes_the_runs_logged_model(shared_store, tmp_path):
     import mlflow.pyfunc
 
     class Echo(mlflow.pyfunc.PythonModel):
@@ -461,7 +472,7 @@ def test_a_saved_model_folder_becomes_the_runs_logged_model(in_tmp, tmp_path):
 
     folder = tmp_path / "mlflow_model"
     mlflow.pyfunc.save_model(str(folder), python_model=Echo(), pip_requirements=["mlflow"])
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = shared_store
     tracker = RunTracker(uri, "model-test", "train-x", run_dir=tmp_path)
     tracker.log_model(folder, "model", step=4, tags={"trial": 3})
     assert tracker.end("FINISHED")

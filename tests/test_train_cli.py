@@ -59,12 +59,35 @@ def test_cli_trains_and_writes_the_run_folder(tiny_mvfouls: Path, tmp_path: Path
                   "--out", str(out), "--profile", "cpu", "--quiet", cwd=tmp_path, cache=tmp_path / "cache")
     assert again.returncode == 0 and not [x for x in again.stdout.splitlines() if x.startswith("[")]
 
+    # tracked like a trial: the default store in the working directory, one run (resumed, not duplicated)
+    from mlflow import MlflowClient
+
+    from mvfouls_ab.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mvfouls-train")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("train-recommended-")
+    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert {"variant", "phase_plan", "data_fingerprint", "git_commit", "mlflow.source.name"} <= set(run.data.tags)
+    assert run.data.tags["targets_met_valid"].endswith("/6")
+    assert len(client.get_metric_history(run.info.run_id, "val/leaderboard")) == 3
+    assert not [k for k in run.data.metrics if "/confusion/" in k]
+    assert {"summary/test/leaderboard", "best/val/leaderboard"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"predictions", "checkpoint", "confusion", "learning_curves.html"} <= names
+    assert [m.model_id for m in run.outputs.model_outputs] == [run.data.tags["mlflow_model_id"]]
+    assert (out / "mlflow_model" / "MLmodel").is_file()
+    assert "MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+
 
 @pytest.mark.parametrize("args, needle", [
     (("--set", "no_such_key=1"), "unknown TrainingConfig key 'no_such_key'"),
     (("--set", "variant=huge"), "variant='huge' is not one of"),
     (("--config", "missing.yaml"), "missing.yaml: config file not found"),
     (("--data", "no/such/folder"), "no/such/folder"),
+    (("--tracking-uri", "htp:/x"), "--tracking-uri"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path: Path, args, needle):
     proc = train(*args, cwd=tmp_path, cache=tmp_path / "cache")

@@ -10,23 +10,37 @@ sampled jointly (IPF of an affinity table to both marginals: Dives and Pushes ra
 does). With `scale < 1` every count is scaled, but each class keeps at least `min_per_class` actions in every
 labelled split, so tiny data sets still hold every class of both tasks.
 
-Videos (what a model can learn from). A pitch with mowing stripes, a slowly panning camera, distractor players,
-and the main player, a blob. Inside the event (frames `EVENT_FRAME` +- `EVENT_HALF`, about 63..87) the main blob
-moves along its action class's motion pattern (sweep direction, shaking, stretching, an opponent stuck to it) and
-flashes towards its
-severity's colour while it grows (no offence: nothing, no card: white, yellow, red). Outside the event nothing
-depends on the class. Views differ: the live "Main camera center" view and close-ups carry the full signal, wide
-replays a weaker one, some camera types none at all; replays are slowed (the pattern runs `replay speed` times
-slower, so the window sees only its middle). Each action has its own signal gain (difficulty). `CLUTTER` (0.1)
-shrinks everything that does not depend on the class (pitch tone, stripe width, pan, drift, position/size/colour
-jitter, a third distractor): with full clutter a head memorises the few rare-class examples by their clutter instead
-of learning what they share, and calibration (below) becomes a matter of luck.
+Videos (data v4: what a model can learn from). Each action is one scene, filmed by each of its cameras: two
+articulated stick figures (head, torso, arms and legs drawn as thick segments a few pixels wide; team-coloured shirt,
+shorts and socks; both kits drawn from one list `KITS` whatever the class) run up together, the offender 1.3-1.8 m
+behind the victim, among 2-4 other players (teammates of either, sometimes the referee) on a pitch with mowing
+stripes, lines, ad boards and stands. Before the event (frame `EVENT_FRAME - EVENT_HALF`, +- `EVENT_JITTER`) nothing
+depends on the class. The action class is the pose and the contact over the event:
+Tackling: slides in low, the leading leg along the ground into the victim's legs. Standing tackling: upright, one leg
+reaching to his feet. High leg: leaning back, a leg raised to his chest or head (he jumps for a header). Holding: an
+arm gripping his back, held, pulling him back. Pushing: both arms driven into his back. Elbowing: alongside, a bent
+arm raised and swung at his head. Challenge: shoulder to shoulder, both leaning in. Dive: the victim falls with no
+contact while the offender stays more than 0.8 m away (and protests).
+Severity is the intensity of the contact (`INTENSITY`, +- `INTENSITY_JITTER`): how deep and how fast the limb goes
+in, how high, how far it follows through, and the victim's reaction: none (a light or fair contact: he hurdles a fair
+slide), a stumble, a fall, flat on the ground and knocked furthest. After the event the players stop (the whistle)
+and stay as they are. Nothing is a colour flash: colour statistics, the foul's position in the frame and global
+motion energy carry (almost) no class information (the "should fail" check in benchmarks/README.md).
+Cameras (`CAMERAS`): each type has its zoom, elevation and range of angles to the foul. Side-on close-ups (zoom 1.5)
+show the most detail; the live main camera is wide (players ~40 px tall); behind-the-goal cameras see the contact
+end-on, foreshortened; the spider camera from above and small; sometimes a player crosses in front; goal-line,
+public and other cameras never show the foul. Replays are slowed (the scene runs `replay speed` times slower, so the
+baseline window 63..87 sees the contact itself in slow motion: severity is most legible in close-up replays). The
+foul is not centred (+- 25% of the width, +- 20% of the height); the camera follows the play with a lag, drifts,
+re-frames once at a random time and shakes (class-independent global motion). Each action's gain (`GAIN_RANGE`)
+scales the zoom of all its views (difficulty). Rendering is plain numpy: poses by forward kinematics, segments
+stamped as discs into uint32 frames over a background canvas panned per frame (~20 ms a clip, benchmarks/README.md).
 
 Imbalance that is real but solvable. Some actions of a frequent class *look like* a rare class (referees
-disagree too): `LOOKALIKES`, e.g. 65% of "no card" fouls show no flash, like "no offence". In the look-alike
-region a frequent class then outnumbers the rare one, so a plain cross-entropy model never predicts the rare class,
-while a model trained on class-balanced data does (at the cost of the frequent class's look-alikes).
-benchmarks/synth_calibration.py measures both on the product's CPU pipeline (README there).
+disagree too): `LOOKALIKES`, e.g. 65% of "no card" fouls are played with the intensity of no offence, half of the
+standing tackles look like a push. In the look-alike region a frequent class then outnumbers the rare one, so a
+plain cross-entropy model never predicts the rare class, while a model trained on class-balanced data does (at the
+cost of the frequent class's look-alikes). benchmarks/synth_calibration.py measures both (README there).
 """
 from __future__ import annotations
 
@@ -51,7 +65,7 @@ from ..errors import MVFoulsError, located
 from .video import write_clip
 
 VERSION = 4                    # bump whenever generated content changes (cache folders carry it)
-DEFAULT_SCALE = 0.5            # ~1,950 actions / ~4,450 clips: ~1 min on 2 cores (benchmarks/README.md)
+DEFAULT_SCALE = 0.5            # ~1,950 actions / ~4,430 clips: ~2 min on 2 cores (benchmarks/README.md)
 DEFAULT_SEED = 0
 MIN_PER_CLASS = 5              # every class of both tasks in every labelled split, whatever the scale
 WIDTH, HEIGHT = 256, 144       # 16:9 like the real 398x224 release; limbs stay 2-6 px wide (benchmarks/README.md)
@@ -371,6 +385,7 @@ _ARM_SEGMENTS = ((0, 1, 0.055, SHIRT), (1, 2, 0.045, SKIN))           # indices 
 _LEG_SEGMENTS = ((0, 1, 0.075, SHORTS), (1, 2, 0.055, SOCKS), (2, 2, 0.06, BOOTS))
 _CORE_SEGMENTS = ((WAIST, NECK, 0.14, SHIRT), (L_HIP, R_HIP, 0.09, SHORTS), (L_SHOULDER, R_SHOULDER, 0.075, SHIRT),
                   (HEAD, HEAD, 0.115, SKIN))
+_CORE_LENGTHS = (0.34, 0.18, 0.34, 0.0)       # metres, from _joints
 STRIDE = 2.6                  # metres per gait cycle
 STOP = 1.4                    # players stop (whistle) by event time +STOP (units of EVENT_HALF, scene time)
 BOOT_COLOUR = (25, 25, 25)
@@ -441,6 +456,23 @@ def _limb(pose: _Pose, name: str, w, dirs: np.ndarray) -> None:
     cur = pose.limbs[name]
     new = cur + (np.broadcast_to(dirs, cur.shape) - cur) * np.asarray(w, np.float64)[..., None, None]
     pose.limbs[name] = new / np.maximum(np.linalg.norm(new, axis=-1, keepdims=True), 1e-9)
+
+
+def _reach(pose: _Pose, name: str, target: np.ndarray) -> np.ndarray:
+    """Body-frame directions [T, 2, 3] that put the end of limb `name` on the world points `target` [T, 3] (or as
+    close as it reaches), the middle joint bent down and out (two-bone inverse kinematics)."""
+    (root, _, _), (l1, l2), side, _ = _LIMBS[name]
+    F, L, U = _axes(pose.yaw, pose.pitch, pose.roll)
+    d = target - _joints(pose)[:, root]
+    local = np.stack([(d * F).sum(-1), side * (d * L).sum(-1), (d * U).sum(-1)], -1)
+    dist = np.linalg.norm(local, axis=-1, keepdims=True)
+    e = local / np.maximum(dist, 1e-9)
+    reach = np.clip(dist, 0.1, 0.995 * (l1 + l2))
+    bend = np.arccos(np.clip(reach / (l1 + l2), -1.0, 1.0))
+    hint = np.array([0.0, 0.5, -1.0])
+    n = hint - (e @ hint)[:, None] * e
+    n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9)
+    return np.stack([e * np.cos(bend) + n * np.sin(bend), e * np.cos(bend) - n * np.sin(bend)], -2)
 
 
 def _travel(tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -561,8 +593,12 @@ def _choreograph(sc: _Scene, tau: np.ndarray, action: int | None) -> tuple[_Pose
     sg = float(np.sign(lat))                  # the offender's side of the victim (y)
     a_near, a_far = ("l", "r") if sg < 0 else ("r", "l")
     v_near = "r" if sg < 0 else "l"           # the victim's side facing the offender
-    e = lambda a, b: _ease(tau, a, b)  # noqa: E731
-    kf = lambda keys, values: _kf(tau, keys, values)  # noqa: E731
+    def e(a: float, b: float) -> np.ndarray:
+        return _ease(tau, a, b)
+
+    def kf(keys, values) -> np.ndarray:
+        return _kf(tau, keys, values)
+
     fall = _fall(k) if hit else 0.0
 
     def trip(start: float, push: float = 0.0) -> None:   # the victim's legs are taken (or he is shoved): he falls
@@ -639,19 +675,25 @@ def _choreograph(sc: _Scene, tau: np.ndarray, action: int | None) -> tuple[_Pose
         tug = np.sin(2 * np.pi * 2.5 * tau) * e(-0.3, 0.0)
         lean = -0.1 - 0.25 * k + 0.08 * k * tug
         _set(A, w, pitch=lean)
-        _limb(A, a_near + "a", grip, _arm(1.5 + lean, 0.1, 0.25))
         _limb(A, a_far + "a", w, _arm(0.2, 0.35, 1.3))
         brace = w * e(-0.4, -0.1)
         _limb(A, a_near + "l", brace, _leg(0.35 + lean, 0.1, 0.3))
         _limb(A, a_far + "l", brace, _leg(-0.35 + lean, 0.1, 0.4))
         if hit:
             wv = e(-0.3, 0.1)
-            _set(V, wv, pitch=-(0.15 + 0.35 * k) + 0.1 * k * tug - 0.6 * fall)
+            _set(V, wv, pitch=-(0.15 + 0.35 * k) + 0.1 * k * tug - 0.35 * fall)
             drag = 0.3 * k * e(-0.2, 0.6)
             V.x -= drag
             A.x -= drag
             _limb(V, "la", wv, _arm(-0.7, 0.6, 0.3))
             _limb(V, "ra", wv, _arm(-0.7, 0.6, 0.3))
+        # The hand on the victim's shirt: the middle of his back, on the offender's side.
+        JV = _joints(V)
+        back = (JV[:, WAIST] + 2 * JV[:, NECK]) / 3
+        towards = _joints(A)[:, PELVIS] - back
+        towards[:, 2] = 0.0
+        back += 0.13 * towards / np.maximum(np.linalg.norm(towards, axis=-1, keepdims=True), 1e-9)
+        _limb(A, a_near + "a", grip, _reach(A, a_near + "a", back))
     elif action == 4:    # Pushing: both arms extended into the victim's back, who is shoved away
         w = e(-0.55, -0.3)
         shove = 0.05
@@ -759,7 +801,7 @@ def _stamp(flat: np.ndarray, base: np.ndarray, p0: np.ndarray, p1: np.ndarray, r
     cx = np.clip(c[..., 0], -margin, WIDTH - 1 + margin)
     cy = np.clip(c[..., 1], -margin, HEIGHT - 1 + margin)
     centre = base[:, None] + (cy + BORDER) * (WIDTH + 2 * BORDER) + (cx + BORDER)
-    flat[(centre[..., None] + _disc(int(round(r_px * 10)))).ravel()] = colour
+    flat[(centre[..., None] + _disc(round(r_px * 10))).ravel()] = colour
 
 
 def _to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -815,6 +857,20 @@ def _background(sc: _Scene, right: np.ndarray, depth: np.ndarray, scale: float, 
         crowd = ((np.floor(ub / 0.6) * 7 + np.floor(vb / 0.6) * 13) % 5).astype(np.int64)
         img[beyond] = np.where(vb < stands + 1.0, boards[(np.floor(ub / 5.0) % 3).astype(np.int64)], tones[crowd])
     return img
+
+
+@functools.lru_cache(maxsize=2)
+def _figure_segments(left_far: bool) -> tuple[tuple[int, int, float, int, float], ...]:
+    """(joint, joint, radius m, colour slot, length m) of a figure in drawing order: far leg and arm, the core,
+    near leg and arm."""
+    def limb(name: str) -> list:
+        joints, lengths, _, kind = _LIMBS[name]
+        return [(joints[i0], joints[i1], radius, slot, 0.0 if i0 == i1 else lengths[min(i0, i1)])
+                for i0, i1, radius, slot in (_ARM_SEGMENTS if kind == "arm" else _LEG_SEGMENTS)]
+
+    far, near = ("l", "r") if left_far else ("r", "l")
+    core = [(j0, j1, radius, slot, length) for (j0, j1, radius, slot), length in zip(_CORE_SEGMENTS, _CORE_LENGTHS)]
+    return tuple(limb(far + "l") + limb(far + "a") + core + limb(near + "l") + limb(near + "a"))
 
 
 def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
@@ -899,7 +955,7 @@ def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
     # The ball rolls on ahead of the victim (whatever the class).
     bx = sc.speed * per_tau * (trav + 0.5 * np.clip(tau + 0.5, 0.0, None) * (tau > -0.5)) + 0.5
     ball = project(np.stack([bx, np.full(n, -0.05), np.full(n, 0.11)], -1))
-    items = [(float(((np.array([bx[-1], -0.05]) - [cx[-1], cy[-1]]) @ depth)), "ball", ball)]
+    items = [(float((np.array([bx[-1], -0.05]) - [cx[-1], cy[-1]]) @ depth), "ball", ball)]
     for pose, kit, skin in figures:
         J = _joints(pose)
         rel = J[-1, PELVIS, :2] - [cx[-1], cy[-1]]
@@ -920,23 +976,8 @@ def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
         colours = [_rgba(c * light) for c in (*kit, skin)] + [_rgba(np.array(BOOT_COLOUR) * light)]
         # The side of the body facing the camera is drawn last.
         left_far = float((J[-1, L_SHOULDER, :2] - J[-1, R_SHOULDER, :2]) @ depth) > 0
-        far, near = ("l", "r") if left_far else ("r", "l")
-
-        def limb(name: str) -> None:
-            joints, lengths, _, kind_ = _LIMBS[name]
-            segments = _ARM_SEGMENTS if kind_ == "arm" else _LEG_SEGMENTS
-            for i0, i1, radius, slot in segments:
-                length = 0.0 if i0 == i1 else lengths[min(i0, i1)]
-                _stamp(flat, bv, Pv[:, joints[i0]], Pv[:, joints[i1]], radius * scale, length * scale,
-                       colours[slot])
-
-        limb(far + "l")
-        limb(far + "a")
-        for j0, j1, radius, slot in _CORE_SEGMENTS:
-            length = float(np.linalg.norm(J[0, j0] - J[0, j1]))
+        for j0, j1, radius, slot, length in _figure_segments(left_far):
             _stamp(flat, bv, Pv[:, j0], Pv[:, j1], radius * scale, length * scale, colours[slot])
-        limb(near + "l")
-        limb(near + "a")
     return _to_rgb(buf[:, BORDER:-BORDER, BORDER:-BORDER])
 
 
@@ -959,7 +1000,7 @@ def _write_action(job: tuple[Path, ActionSpec]) -> int:
     root, spec = job
     folder = root / spec.split / f"action_{spec.index}"
     for k, frames in enumerate(render_action(spec)):
-        write_clip(folder / f"clip_{k}.mp4", frames, fps=FPS)
+        write_clip(folder / f"clip_{k}.mp4", frames, fps=FPS, threads=1)   # one encoder thread per worker process
     return len(spec.views)
 
 

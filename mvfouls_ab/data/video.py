@@ -169,7 +169,7 @@ def decode_clip(path: Path | str, window: ClipWindow, action_id: str | None = No
 
 
 def write_clip(path: Path | str, frames: np.ndarray, fps: int = 25, codec: str = "libx264", *,
-               crf: int = 23, preset: str = "ultrafast", audio: bool = False) -> Path:
+               crf: int = 23, preset: str = "ultrafast", audio: bool = False, threads: int = 0) -> Path:
     """Write uint8 frames [T, H, W, 3] (RGB) as an H.264 mp4, atomically (temporary file, then rename).
 
     H and W must be even (yuv420p). `audio=True` adds a silent AAC track, as the real clips have one.
@@ -189,6 +189,8 @@ def write_clip(path: Path | str, frames: np.ndarray, fps: int = 25, codec: str =
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if codec == "libx264":
                 stream.options = {"preset": preset, "crf": str(crf)}
+                if threads:   # x264 threads (default: its own choice); 1 suits one encoder per core
+                    stream.options = {**stream.options, "threads": str(threads)}
             astream = out.add_stream("aac", rate=16000, layout="mono") if audio else None
             for i, rgb in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
