@@ -51,7 +51,7 @@ params:
   phase2_lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
 """
 EPOCH_LINE = re.compile(r"^\[\S+ \d+/\d+ \| (\d+)/(\d+)\]", re.MULTILINE)
-TRIAL_LINE = re.compile(r"^trial (\d+)\b.*$", re.MULTILINE)
+TRIAL_LINE = re.compile(r"^trial (\d+)(?: \(retry of \d+\))?:.*$", re.MULTILINE)   # a trial starts
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 MAX_RESTARTS = 5                    # per slot, as restart: on-failure:5
 

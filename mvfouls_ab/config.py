@@ -57,10 +57,11 @@ class TrainingConfig:
     rep_epochs: int = 14
     rep_lr: float = 2e-3              # Adam, cosine to 0 over the stage
     rep_batch_size: int = 16          # actions per step (each with train_views views, one random frame each)
-    rep_width: int = 32               # frame2d channels of the first block (doubling per block)
+    rep_width: int = 16               # frame2d channels of the first block (doubling per block)
     rep_weight_decay: float = 1e-4
     rep_seed: int = 0                 # the stage's seed (-1: the run seed); one stage serves every run seed
     rep_holdout: float = 0.15         # share of Train held out (stratified) for the stage's early stopping
+    feature_precision: str = "auto"   # frozen torchvision features: auto (bf16 where the CPU has it) | fp32 | bf16
     hidden_dim: int = 256
     attention_heads: int = 8          # baseline uses 8; optimized forces 4
     dropout: float = 0.2
@@ -143,7 +144,7 @@ class TrainingConfig:
             "curriculum_pacing": PACINGS, "curriculum_score": DIFFICULTY_SCORES,
             "sampler_phase1": SAMPLERS, "sampler_phase2": SAMPLERS, "sampler_phase3": SAMPLERS,
             "fallback_variant": VARIANTS, "scheduler": ("cosine", "step", "none"), "resize": RESIZE_MODES,
-            "rep_recipe": REP_RECIPES,
+            "rep_recipe": REP_RECIPES, "feature_precision": ("auto", "fp32", "bf16"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:

@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,22 +258,18 @@ def _pyfunc_base():
     return mlflow.pyfunc.PythonModel
 
 
-_PythonModel = _pyfunc_base()    # imports mlflow.pyfunc, which installs warning filters of its own
-# MLflow suggests type hints on PythonModel.predict (at class creation and again when a model is loaded); the
-# signature is given explicitly instead.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+class MVFoulsPyfunc(_pyfunc_base()):
+    """pyfunc: DataFrame(action_id, clips) -> DataFrame(action_id, action_class, offence, severity, indices)."""
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+    # No type-hint-based validation (MLflow warns about the missing hints otherwise): the model is saved with an
+    # explicit signature, which MLflow enforces on the input.
+    _skip_type_hint_validation = True
 
-    class MVFoulsPyfunc(_PythonModel):
-        """pyfunc: DataFrame(action_id, clips) -> DataFrame(action_id, action_class, offence, severity, indices)."""
+    def load_context(self, context) -> None:
+        self.pack = ModelPack.load(Path(context.artifacts["pack"]))
 
-        def load_context(self, context) -> None:
-            self.pack = ModelPack.load(Path(context.artifacts["pack"]))
-
-        def predict(self, context, model_input, params: dict[str, Any] | None = None):
-            return _predict_frame(self.pack, model_input, params)
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        return _predict_frame(self.pack, model_input, params)
 
 
 def _predict_frame(pack: ModelPack, model_input: Any, params: dict[str, Any] | None = None):

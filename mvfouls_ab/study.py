@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -805,6 +806,7 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
         raise
     hand_over(procs, tracker.run_id)
     out = ctx.out
+    threading.Thread(target=recover_spills, args=(study, ctx), name="spill-recovery", daemon=True).start()
     if coordinator:
         print_where_to_look(study, args, tracker.run_id)
 
@@ -849,7 +851,7 @@ def stopped(study: Any, ctx: StudyContext, tracker: RunTracker, procs: list[subp
     if number is not None:
         print(f"trial {number} handed back to the study: the next free worker resumes it from its last checkpoint",
               file=sys.stderr, flush=True)
-    wait_closed(10.0)
+    wait_closed(60.0)             # the runs of trials that finished just before (inside compose's grace period)
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(120)
@@ -879,6 +881,45 @@ def child_env(args: argparse.Namespace) -> dict[str, str]:
         if password_of(url):
             env[var] = url
     return env
+
+
+def recover_spills(study: Any, ctx: StudyContext, attempts: int = 60) -> int:
+    """Replay the spill files of trials that no worker will touch again (finished, or failed with a finished
+    retry): a worker that ended before its last trial's run was fully sent (stopped, or killed while the server was
+    down) leaves the rest there, and only a retry of a failed trial would find it. Spills of trials that are still
+    running or waiting are left to the worker that takes them. Idempotent (replay_spill); runs in the background.
+    Returns the files replayed."""
+    from optuna.trial import TrialState
+
+    from .tracking import make_client, replay_spill
+
+    folders = [ctx.out] + ([ctx.spill_dir / ctx.name] if ctx.spill_dir else [])
+    spills = [p for folder in folders for p in sorted(Path(folder).glob(f"trial_*/{SPILL_NAME}"))]
+    if not spills:
+        return 0
+    live = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        live.add((t.system_attrs.get("retry_history") or [t.number])[0])
+    done = 0
+    client = make_client(ctx.tracking_uri)
+    for path in spills:
+        try:
+            number = int(path.parent.name.removeprefix("trial_"))
+        except ValueError:
+            continue
+        if number in live:
+            continue
+        for attempt in range(attempts):
+            try:
+                replay_spill(path, client=client)
+                done += 1
+                break
+            except FileNotFoundError:
+                break
+            except Exception as exc:  # noqa: BLE001 - the server is down: try again later
+                log.info("replaying %s: %s", path, exc)
+                time.sleep(min(30.0, 2.0 ** attempt))
+    return done
 
 
 def stop_when_requested(study: Any, trial: Any) -> None:

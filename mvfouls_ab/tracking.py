@@ -732,6 +732,7 @@ class RunTracker:
         closing = threading.Thread(target=self.logger.close, args=(flush_timeout,), name="mlflow-close",
                                    daemon=True)
         closing.start()
+        closing.logger = self.logger     # type: ignore[attr-defined] - wait_closed spills what it could not send
         with _CLOSING_LOCK:
             _CLOSING.append(closing)
         return True
@@ -742,13 +743,20 @@ _CLOSING_LOCK = threading.Lock()
 
 
 def wait_closed(timeout: float = 120.0) -> None:
-    """Wait until every run ended with ``end(wait=False)`` has sent everything (or spilled it after ``timeout``)."""
+    """Wait until every run ended with ``end(wait=False)`` has sent everything; what a run could not send within
+    ``timeout`` (all runs together) is written to its spill file before the process may exit (the thread is a
+    daemon: without this, its operations would die with the process)."""
+    deadline = time.monotonic() + timeout
     while True:
         with _CLOSING_LOCK:
             if not _CLOSING:
                 return
             closing = _CLOSING.pop()
-        closing.join(timeout)
+        closing.join(max(0.0, deadline - time.monotonic()))
+        logger = getattr(closing, "logger", None)
+        if closing.is_alive() and logger is not None and logger.backlog and logger._spill():
+            log.warning("MLflow run %s: %d operations not sent in time, kept in %s", logger.run_id,
+                        logger.backlog, logger.spill_path)
 
 
 atexit.register(wait_closed)

@@ -226,7 +226,8 @@ def test_no_scored_fold_example_chooses_an_epoch_or_tau(setup) -> None:
 def test_dead_worker_cell_is_rerun(setup, monkeypatch) -> None:
     """A worker that claimed a cell and died (no heartbeat) loses it after the grace period; the next worker runs it."""
     exp, tmp, _, _ = setup
-    exp = abtest.Experiment(exp.name + "_dead", exp.description, exp.base, exp.arms, exp.control, 1, 2)
+    exp = abtest.Experiment(exp.name + "_dead", exp.description, exp.base, exp.arms, exp.control, 1, 2,
+                            final=exp.final)
     storage = f"sqlite:///{tmp / 'dead.db'}"
     monkeypatch.setattr(abtest, "HEARTBEAT_S", 1)
     monkeypatch.setattr(abtest, "GRACE_S", 2)
@@ -333,7 +334,7 @@ def test_analyze_bad_input_names_the_file_the_problem_and_the_fix(tmp_path: Path
         _cells_csv(csv, rows_extra="B,7,0,heldout/leaderboard,0.4\n")
         text = csv.read_text().replace("A,1,2,heldout/leaderboard", "A,1,2,heldout/removed", 1)
         csv.write_text(text)
-        expect = "unpaired cells: B lacks seed 1 fold 2 of heldout/removed"
+        expect = "3 unpaired cells: "
     elif case == "one fold":
         _cells_csv(csv, folds=1)
         expect = "fewer than 2 folds"
@@ -352,3 +353,5 @@ def test_analyze_bad_input_names_the_file_the_problem_and_the_fix(tmp_path: Path
     assert not (tmp_path / "out" / "verdicts.json").exists()
     if case == "unpaired":   # every unpaired cell is listed, from both sides
         assert "A lacks seed 7 fold 0 of heldout/leaderboard (which B has)" in err
+        assert "A lacks seed 1 fold 2 of heldout/leaderboard (which B has)" in err
+        assert "B lacks seed 1 fold 2 of heldout/removed" in err

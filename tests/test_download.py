@@ -158,12 +158,12 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+    def do_HEAD(self) -> None:
         body = self._file()
         if body is not None:
             self._headers(body, 200, len(body))
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = self._file()
         if body is None:
             return

@@ -20,7 +20,7 @@ from mvfouls_ab import study as study_mod
 from mvfouls_ab.modelpack import CHAMPION_ALIAS, ModelPack, ModelPackError, register_champion, registered_name
 
 SPACE = """
-fixed: {num_phases: 3, phase1_epochs: 1, phase2_epochs: 2, phase3_epochs: 1, batch_size: 4, hidden_dim: 32,
+fixed: {num_phases: 3, phase1_epochs: 1, phase2_epochs: 1, phase3_epochs: 1, batch_size: 4, hidden_dim: 32,
         curriculum: false}
 params:
   variant: {type: categorical, choices: [simplified, optimized]}

@@ -17,7 +17,7 @@ from mvfouls_ab.labels import CLASS_SLUGS, TASKS
 def _fake_cell_attrs(rng: np.random.Generator, level: float, cell_effect: float) -> dict:
     """What abtest.cell_attrs stores for a finished cell, with recalls around `level` (+ a shared cell effect)."""
     best = {"epoch": 2, "step": 2, "phase": "optimization", "val_loss": 1.2, "train_loss": 1.0, "num_samples": 40}
-    metrics = {"val/loss": 1.2, "train/loss": 1.0}
+    metrics = {"heldout/loss": 1.2}
     for task in TASKS:
         k = len(TASKS[task])
         recall = np.clip(level + cell_effect + rng.normal(0, 0.02, k), 0, 1)
@@ -26,16 +26,20 @@ def _fake_cell_attrs(rng: np.random.Generator, level: float, cell_effect: float)
         best[f"{task}_macro_recall"] = float(recall.mean())
         best[f"{task}_macro_f1"] = float(recall.mean() - 0.05)
         best["confusion_matrices"] = {**best.get("confusion_matrices", {}), task: cm.tolist()}
-        metrics[f"val/{task}/macro_recall"] = float(recall.mean())
-        metrics[f"val/{task}/macro_f1"] = float(recall.mean() - 0.05)
-        metrics.update({f"val/{task}/recall/{s}": float(r) for s, r in zip(CLASS_SLUGS[task], recall)})
-    metrics["val/leaderboard"] = 0.5 * (metrics["val/action/macro_recall"] + metrics["val/severity/macro_recall"])
-    best["leaderboard"] = metrics["val/leaderboard"]
-    curves = {"leaderboard": [0.2, 0.3, metrics["val/leaderboard"]], "val_loss": [2.0, 1.5, 1.2],
+        metrics[f"heldout/{task}/macro_recall"] = float(recall.mean())
+        metrics[f"heldout/{task}/macro_f1"] = float(recall.mean() - 0.05)
+        metrics.update({f"heldout/{task}/recall/{s}": float(r) for s, r in zip(CLASS_SLUGS[task], recall)})
+    metrics["heldout/leaderboard"] = 0.5 * (metrics["heldout/action/macro_recall"]
+                                            + metrics["heldout/severity/macro_recall"])
+    metrics["system/wall_s"] = float(20 + rng.normal(0, 2))
+    metrics["system/peak_rss_mb"] = float(900 + rng.normal(0, 20))
+    best["leaderboard"] = metrics["heldout/leaderboard"]
+    curves = {"leaderboard": [0.2, 0.3, metrics["heldout/leaderboard"]], "val_loss": [2.0, 1.5, 1.2],
               "train_loss": [2.2, 1.4, 1.0]}
     events = [{"kind": "loss_spike", "epoch": 1, "step": 7, "detail": {"loss": "9.1"}}] if rng.random() < 0.3 else []
     return {"metrics": metrics, "best": best, "curves": curves, "events": events, "epochs": 3, "variant": "x",
-            "wall_s": 1.0, "official": {"test": {"leaderboard_value": 100 * metrics["val/leaderboard"]}}}
+            "wall_s": metrics["system/wall_s"], "selected": {"epoch": 3, "taus": {"action": 0.5, "severity": 0.0}},
+            "official": {"test": {"leaderboard_value": 100 * metrics["heldout/leaderboard"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def stored_experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Pa
         trial_id, cell = claimed
         level = {"control": 0.40, "better": 0.46, "same": 0.40}[cell.arm]
         attrs = _fake_cell_attrs(rng, level, cell_effects[(cell.seed, cell.fold)])
-        store.complete(trial_id, attrs["metrics"]["val/leaderboard"], attrs)
+        store.complete(trial_id, attrs["metrics"]["heldout/leaderboard"], attrs)
     return storage, tmp
 
 
@@ -68,18 +72,45 @@ def test_report_content_and_verdicts(stored_experiment: tuple[str, Path]) -> Non
     for heading in ("Verdicts", "Leaderboard against targets", "Per-class recall per arm", "Confusion matrices",
                     "Learning curves", "Stability events"):
         assert f"<h2>{heading}</h2>" in page
-    headline = re.search(r"<b>better</b> vs control: ([a-zA-Z ]+) on the leaderboard", page)
+    headline = re.search(r"<b>better</b> vs control: ([a-zA-Z ]+) on heldout/leaderboard", page)
     assert headline and headline.group(1) == stats.BETTER
-    headline = re.search(r"<b>same</b> vs control: ([a-zA-Z ]+) on the leaderboard", page)
+    headline = re.search(r"<b>same</b> vs control: ([a-zA-Z ]+) on heldout/leaderboard", page)
     assert headline and headline.group(1) == stats.NO_DIFFERENCE
+    assert "<h3>Efficiency metrics</h3>" in page and "corrected resampled t" in page
     # the same verdicts through the library
     exp = abtest.stored_experiment("reporttest", storage)
     table = abtest.results_table(exp, abtest.CellStore(exp, storage).finished())
     assert len(table) == 36
-    frame = abtest.verdict_frame(abtest.analyze(exp, table, n_resamples=499))
+    frame = abtest.verdict_frame(abtest.analyze(exp, table))
     lb = frame[(frame.metric == abtest.PRIMARY_METRIC)].set_index("arm")
     assert lb.loc["better", "verdict"] == stats.BETTER and lb.loc["same", "verdict"] == stats.NO_DIFFERENCE
     assert lb.loc["better", "diff"] == pytest.approx(0.06, abs=0.01)
+    assert set(frame[frame.family == stats.EFFICIENCY].metric) == {"system/wall_s", "system/peak_rss_mb"}
+
+
+def test_ab_analyze_reproduces_the_runners_verdicts(stored_experiment: tuple[str, Path], capsys) -> None:
+    """The runner's files (cells.csv, verdicts.json) and `ab analyze` on that cells.csv: the same verdicts."""
+    import json
+
+    from mvfouls_ab import ab
+
+    storage, tmp = stored_experiment
+    exp = abtest.stored_experiment("reporttest", storage)
+    assert ab.finish(exp, storage, None, tmp / "runner", report=False) == 0
+    written = json.loads((tmp / "runner" / "verdicts.json").read_text())
+    assert len(written) == 2 * len(abtest.verdict_metrics()) - 2   # 2 arms x (quality + wall + rss; no CUDA)
+    assert ab.main(["analyze", "--cells", str(tmp / "runner" / "cells.csv"), "--control", "control",
+                    "--out", str(tmp / "analyze")]) == 0
+    again = json.loads((tmp / "analyze" / "verdicts.json").read_text())
+    assert [(v["arm"], v["metric"]) for v in again] == [(v["arm"], v["metric"]) for v in written]
+    for a, b in zip(again, written):
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            assert a[key] == (pytest.approx(value) if isinstance(value, float) else value), (b["metric"], key)
+    page = (tmp / "analyze" / "report.html").read_text()
+    assert "<h2>Verdicts</h2>" in page and "<h2>Arm means</h2>" in page and page.count("Plotly.newPlot") == 2
+    assert "<b>better</b> vs control: B better on heldout/leaderboard" in page
+    assert "B better" in capsys.readouterr().out
 
 
 def test_report_cli_and_unknown_experiment(stored_experiment: tuple[str, Path], capsys) -> None:

@@ -136,3 +136,24 @@ def test_stage_is_logged_to_mlflow_as_its_own_run(tiny_mvfouls, tmp_path):
     history = MlflowClient(uri).get_metric_history(run_id, "holdout/score")
     assert [m.step for m in history] == [0, 1]
     assert run.info.status == "FINISHED"
+
+
+def test_a_requested_stop_ends_the_stage_at_an_epoch_and_the_next_run_resumes(tiny_mvfouls, tmp_path):
+    from mvfouls_ab import shutdown
+
+    cfg = small_cfg(tiny_mvfouls, tmp_path / "cache", rep_epochs=2)
+    data = load_data(cfg)
+    seen = []
+
+    def stop_in_first_epoch(epoch, metrics):
+        seen.append(epoch)
+        shutdown.request()               # what SIGTERM does once shutdown.install() is active
+
+    try:
+        with pytest.raises(shutdown.GracefulStop):
+            learn_representation(cfg, data, progress=False, log_epoch=stop_in_first_epoch)
+    finally:
+        shutdown.reset()
+    assert seen == [0]
+    rep = learn_representation(cfg, data, progress=False, log_epoch=lambda e, m: seen.append(e))
+    assert seen == [0, 1] and rep.computed and len(rep.history) == 2

@@ -66,6 +66,8 @@ default_permission = READ
 database_uri = sqlite:///{db}
 admin_username = {user}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# a verified user/password pair is not hashed again (PBKDF2) for a minute: every request of a worker carries it
+auth_cache_ttl_seconds = 60
 """
 HEALTH_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0

@@ -4,7 +4,8 @@
   small3d                         seeded, deterministic small 3D CNN for CPU (weights "none" or a local file)
   r3d_18, mc3_18, r2plus1d_18, s3d, mvit_v2_s   torchvision video networks with their classifier removed
 Weights: "none" (random init), "DEFAULT" (torchvision's Kinetics-400 weights, needs network), or the path of a
-local state-dict / checkpoint file. Clips are normalized with the Kinetics-400 mean/std by `normalize_clips`.
+local state-dict / checkpoint file. Clips are normalized with the Kinetics-400 mean/std by `normalize_clips`
+(mvit_v2_s's weights expect mean 0.45 / std 0.225: its wrapper maps one to the other, `TORCHVISION_NORM`).
 """
 from __future__ import annotations
 

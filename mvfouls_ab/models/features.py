@@ -106,12 +106,12 @@ def _device(cfg: TrainingConfig) -> torch.device:
 def feature_precision(cfg: TrainingConfig) -> str:
     """"bf16" or "fp32": the precision of the backbone's forward pass when extracting features.
 
-    cfg.feature_precision if the config has that field, else "auto": a torchvision backbone on a CPU with native
+    cfg.feature_precision: "fp32", "bf16", or "auto": a torchvision backbone on a CPU with native
     bfloat16 (AVX512-BF16 / AMX, `torch.ops.mkldnn._is_mkldnn_bf16_supported()`) runs under bfloat16 autocast,
     2.3-2.9x faster for r2plus1d_18 / s3d on this machine's AMD EPYC with features within ~1% of fp32
     (benchmarks/README.md); otherwise, and for the small CPU backbones, fp32. Part of the cache key when bf16.
     """
-    choice = getattr(cfg, "feature_precision", "auto")
+    choice = cfg.feature_precision
     if cfg.backbone not in TORCHVISION_BACKBONES or choice == "fp32":
         return "fp32"
     if choice == "bf16":

@@ -41,7 +41,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from tqdm import tqdm
 
-from .. import labels
+from .. import labels, shutdown
 from ..config import TrainingConfig
 from ..data.dataset import DataBundle
 from ..data.folds import holdout_split
@@ -276,6 +276,8 @@ def _train(cfg: TrainingConfig, data: DataBundle, folder: Path, progress: bool,
                           "epoch": epoch + 1}, stage)
         if log_epoch is not None:
             log_epoch(epoch, metrics)
+        if shutdown.requested():    # SIGTERM/SIGINT: stop at this epoch; the next run resumes from stage.pt
+            raise shutdown.GracefulStop(f"representation stage stopped after epoch {epoch + 1} ({stage})")
     bar.close()
     return best["state"], history
 

@@ -473,7 +473,7 @@ class Trainer:
         if len(self.top) >= k and score <= tuple(self.top[-1]["score"]):
             return
         path = self.ckpt_dir / f"model_epoch{self.global_epoch:03d}.pt"
-        ckpt.save_atomic({"model": ckpt.cpu_state_dict(self.model), "variant": self.variant,
+        ckpt.save_atomic({"model": self._model_state(), "variant": self.variant,
                           "complexity": self.complexity, "epoch": self.global_epoch}, path)
         self.top.append({"score": list(score), "epoch": self.global_epoch, "path": str(path)})
         self.top.sort(key=lambda d: tuple(d["score"]), reverse=True)
@@ -483,7 +483,7 @@ class Trainer:
         state = {
             "fingerprint": self.cfg.fingerprint(), "phase_index": pi, "epochs_done": epochs_done,
             "global_epoch": self.global_epoch, "variant": self.variant, "complexity": self.complexity,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self._model_state(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self._sched_state(), "guard": self.guard.state_dict(), "phase_state": self.phase_state,
             "rng": ckpt.rng_state(self.gen, self.np_rng), "history": self.history, "top": self.top,
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
@@ -502,11 +502,26 @@ class Trainer:
             if path.name not in keep:
                 path.unlink(missing_ok=True)
 
+    def _model_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the model: everything that trains. A frozen backbone is left out (its
+        weights are `Sources.weights`: 125 MB per file for a torchvision network, for nothing)."""
+        state = ckpt.cpu_state_dict(self.model)
+        if not self.trains_backbone:
+            state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        return state
+
+    def _load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if not (k.startswith("backbone.") and not self.trains_backbone)] + unexpected
+        if wrong:
+            raise MVFoulsError(located(self.ckpt_dir, f"checkpoint does not match the model ({', '.join(wrong[:3])})",
+                                       "use another --out folder, or start over with --fresh"))
+
     def _restore(self, state: dict[str, Any]) -> tuple[int, int]:
         """Load a checkpoint; returns (phase index, epochs already done in it) to continue from."""
         self.variant, self.complexity = state["variant"], state["complexity"]
         self.model = self._build_model(self.variant, self.complexity)
-        self.model.load_state_dict(state["model"])
+        self._load_model_state(self.model, state["model"])
         self.guard.load_state_dict(state["guard"])
         self.history, self.top, self.global_epoch = state["history"], state["top"], state["global_epoch"]
         pi, done = state["phase_index"], state["epochs_done"]
@@ -545,7 +560,7 @@ class Trainer:
         for entry in self.top:
             saved = ckpt.load(Path(entry["path"]))
             m = self._build_model(saved["variant"], saved["complexity"])
-            m.load_state_dict(saved["model"])
+            self._load_model_state(m, saved["model"])
             models.append(m)
         raw: dict[str, dict[str, np.ndarray]] = {}
         for name, src in splits.items():
