@@ -1,7 +1,7 @@
 """A chaos run: a 2-worker study on PostgreSQL with a real MLflow server, disturbed the way production disturbs it.
 
     python benchmarks/chaos.py [--trials 8] [--epochs 1 5 2] [--outage 30] [--outage-kind stop|freeze]
-                               [--data DIR] [--scale 0.05] [--no-baseline] [--json OUT]
+                               [--data DIR] [--scale 0.05] [--no-baseline] [--set KEY=VALUE ...] [--json OUT]
 
 Set-up: fresh PostgreSQL databases on 127.0.0.1:5432 (Optuna storage, MLflow store), `mlflow server` on loopback,
 the same fixed trials enqueued (half `simplified`, half `optimized`, pruning off), and two workers
@@ -239,7 +239,7 @@ def fixed_trials(n: int) -> list[dict]:
 
 
 def run_study(tmp: Path, data: str, space: Path, trials: int, epochs: int, cache: Path, chaos: bool,
-              outage: float, timeout: float = 1800.0, outage_kind: str = "stop") -> dict:
+              outage: float, timeout: float = 1800.0, outage_kind: str = "stop", sets: list[str] | None = None) -> dict:
     import optuna
 
     tag = uuid.uuid4().hex[:8]
@@ -260,7 +260,7 @@ def run_study(tmp: Path, data: str, space: Path, trials: int, epochs: int, cache
         cmd = [sys.executable, "-m", "mvfouls_ab.study", "--study-name", "chaos", "--storage", storage,
                "--tracking-uri", server.url, "--until", str(trials), "--data", data, "--search-space", str(space),
                "--pruner", "none", "--heartbeat", "1", "--threads", "1", "--out", str(workdir / "runs"),
-               "--set", f"cache_dir={cache}"]
+               "--set", f"cache_dir={cache}", *(sets or [])]
         if disk is not None:
             cmd += ["--spill-dir", str(disk.path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -354,6 +354,15 @@ def _run_of(client, experiment_id: str, number: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def warm(tmp: Path, data: str, space: Path, cache: Path, sets: list[str] | None = None) -> None:
+    """One throw-away trial (SQLite stores): decodes the clips and caches the features both timed runs reuse."""
+    subprocess.run([sys.executable, "-m", "mvfouls_ab.study", "--trials", "1", "--study-name", "warm",
+                    "--storage", f"sqlite:///{tmp}/warm.db", "--tracking-uri", f"sqlite:///{tmp}/warm_mlflow.db",
+                    "--data", data, "--search-space", str(space), "--pruner", "none", "--threads", "1",
+                    "--out", str(tmp / "warm"), "--set", f"cache_dir={cache}", *(sets or []), "--quiet"], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "MVFOULS_AB_CACHE": str(cache)})
+
+
 def make_data(root: Path, scale: float) -> str:
     subprocess.run([sys.executable, "-m", "mvfouls_ab.synth", "--out", str(root), "--scale", str(scale)], check=True,
                    stdout=subprocess.DEVNULL)
@@ -371,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale", type=float, default=0.05)
     ap.add_argument("--cache", default=None, help="feature cache folder (default: one in the work folder)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the undisturbed run")
+    ap.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="TrainingConfig overrides for every trial (passed to the workers' --set)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -383,10 +394,12 @@ def main(argv: list[str] | None = None) -> dict:
         epochs = sum(args.epochs)
         out: dict = {"trials": args.trials, "epochs": list(args.epochs), "outage_s": args.outage,
                      "outage_kind": args.outage_kind}
-        if not args.no_baseline:       # first: it also fills the feature cache, which the chaos run then reuses
-            out["baseline"] = run_study(tmp, data, space, args.trials, epochs, cache, False, 0.0, args.timeout)
+        if not args.no_baseline:
+            warm(tmp, data, space, cache, args.sets)   # features computed once: neither timed run pays for them
+            out["baseline"] = run_study(tmp, data, space, args.trials, epochs, cache, False, 0.0, args.timeout,
+                                        sets=args.sets)
         out["chaos"] = run_study(tmp, data, space, args.trials, epochs, cache, True, args.outage, args.timeout,
-                                 args.outage_kind)
+                                 args.outage_kind, args.sets)
         report(out)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1, default=str))

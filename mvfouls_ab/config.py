@@ -31,12 +31,13 @@ class TrainingConfig:
     # ---- data -------------------------------------------------------------------------------------------
     data_root: str = ""               # "" -> the cached synthetic MVFouls data set (generated on first use)
     cache_dir: str = ""               # "" -> $MVFOULS_AB_CACHE, else ~/.cache/mvfouls_ab (data.dataset.default_cache_dir)
-    frame_start: int = 67             # first frame of the window (the VARS baseline: 63)
-    frame_end: int = 83               # last frame of the window, inclusive (the VARS baseline: 87)
+    frame_start: int = 71             # first frame of the window (the VARS baseline: 63); the foul is near 75
+    frame_end: int = 79               # last frame of the window, inclusive (the VARS baseline: 87)
     fps: int = 17                     # nominal sampling rate inside the window (the VARS baseline: 17 -> 16 frames)
     num_frames: int = 3               # frames returned per clip, spread evenly over the window (baseline: 16)
-    frame_size: int = 112             # frame height (and width when frame_width is 0)
-    frame_width: int = 200            # frame width; 0 = frame_size (square). 200 x 112 keeps 398x224's 16:9
+    frame_size: int = 0               # frame height; 0 (with frame_width 0): the clips' native size, at most 224
+                                      # rows (398x224 for the real release, 720p included; 256x144 synthetic)
+    frame_width: int = 0              # frame width; 0 with frame_size > 0: a square frame_size x frame_size
     resize: str = "crop"              # crop: keep the aspect ratio, cover, centre-crop | squash: stretch to the size
     train_views: int = 2              # views sampled per action in training (all views at evaluation)
     num_workers: int = 0              # DataLoader workers
@@ -54,7 +55,7 @@ class TrainingConfig:
 
     # ---- representation stage (feature_mode=learned; models/representation.py) -------------------------
     rep_recipe: str = "balanced"      # plain | sqrt | balanced (class-balanced sampling) | inverse_weights
-    rep_epochs: int = 14
+    rep_epochs: int = 20
     rep_lr: float = 2e-3              # Adam, cosine to 0 over the stage
     rep_batch_size: int = 16          # actions per step (each with train_views views, one random frame each)
     rep_width: int = 16               # frame2d channels of the first block (doubling per block)
@@ -157,12 +158,12 @@ class TrainingConfig:
             raise ConfigError(f"frame_start={self.frame_start} must be <= frame_end={self.frame_end}")
         if not 1 <= self.train_views <= 4:
             raise ConfigError(f"train_views={self.train_views} must be between 1 and 4")
-        for name in ("batch_size", "grad_accum", "num_frames", "frame_size", "rep_epochs", "rep_batch_size",
-                     "rep_width"):
+        for name in ("batch_size", "grad_accum", "num_frames", "rep_epochs", "rep_batch_size", "rep_width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.frame_width < 0:
-            raise ConfigError(f"frame_width={self.frame_width} must be >= 0 (0 = square)")
+        if self.frame_width < 0 or self.frame_size < 0:
+            raise ConfigError(f"frame_size={self.frame_size}, frame_width={self.frame_width} must be >= 0 "
+                              "(frame_size 0: the clips' native size)")
         if not 0.0 <= self.rep_holdout < 0.5:
             raise ConfigError(f"rep_holdout={self.rep_holdout} must be in [0, 0.5)")
         if not 0.0 < self.curriculum_start <= 1.0:

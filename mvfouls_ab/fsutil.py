@@ -94,8 +94,10 @@ def claim_run_folder(folder: Path | str, kind: str = "run") -> Path:
     return mark_run_folder(folder, kind)
 
 
-def check_removable(folder: Path | str, flag: str = "--fresh") -> None:
-    """Raise MVFoulsError unless ``folder`` is absent, empty, or a run folder the project made (has the marker).
+def check_removable(folder: Path | str, flag: str = "--fresh", legacy_ok: bool = False) -> None:
+    """Raise MVFoulsError unless ``folder`` is absent, empty, or a run folder the project made (has the marker;
+    ``legacy_ok``: or looks like one written before markers existed, for paths the caller built itself, such as a
+    study's OUT/STUDY/trial_NNNN).
 
     Checked before anything is deleted; the folder is never touched here."""
     folder = Path(folder)
@@ -104,7 +106,7 @@ def check_removable(folder: Path | str, flag: str = "--fresh") -> None:
     if folder.is_symlink() or not folder.is_dir():
         raise MVFoulsError(located(folder, f"{flag} would delete this path, which is not a run folder",
                                    "pass an --out folder that this tool created, or a new one"))
-    if is_run_folder(folder) or not any(folder.iterdir()):
+    if is_run_folder(folder) or not any(folder.iterdir()) or (legacy_ok and _legacy_run_folder(folder)):
         return
     resolved = folder.resolve()
     special = resolved in (Path.home().resolve(), Path("/"), Path.cwd().resolve()) or \
@@ -114,11 +116,11 @@ def check_removable(folder: Path | str, flag: str = "--fresh") -> None:
                                "pass an --out folder that a run made (it holds .mvfouls_run), or a new folder"))
 
 
-def remove_run_folder(folder: Path | str, flag: str = "--fresh") -> bool:
+def remove_run_folder(folder: Path | str, flag: str = "--fresh", legacy_ok: bool = False) -> bool:
     """Delete a run folder the project made; refuse (MVFoulsError, folder untouched) anything else.
     Returns True if something was deleted."""
     folder = Path(folder)
-    check_removable(folder, flag)
+    check_removable(folder, flag, legacy_ok)
     if not folder.exists():
         return False
     shutil.rmtree(folder)

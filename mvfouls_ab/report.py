@@ -201,8 +201,10 @@ def events_figure(events: Sequence[Mapping[str, Any]], title: str):
     return fig
 
 
-def forest_figure(frame, title: str):
-    """B - A with its 95% CI per metric, one panel per treatment arm; colour = verdict; +-MDE as grey ticks."""
+def forest_figure(frame, title: str, relative: bool = False):
+    """B - A with its CI per metric, one panel per treatment arm; colour = verdict; +-MDE as grey ticks.
+
+    relative: in percent of the control's mean (metrics in different units on one axis: seconds and MiB)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -210,30 +212,42 @@ def forest_figure(frame, title: str):
     fig = make_subplots(rows=1, cols=max(1, len(arms)), shared_yaxes=True,
                         subplot_titles=[f"{a} - {frame.control.iloc[0]}" for a in arms] if arms else None)
     colours = {stats.BETTER: "green", stats.WORSE: "red", stats.NO_DIFFERENCE: "grey"}
+    shown: set[str] = set()
     for col, arm in enumerate(arms, start=1):
         rows = frame[frame.arm == arm]
+        scale = 100.0 / rows.mean_a.abs().replace(0, np.nan) if relative else _ones(rows)
         for verdict, colour in colours.items():
-            r = rows[rows.verdict == verdict]
+            keep = (rows.verdict == verdict).to_numpy()
+            r, k = rows[keep], scale[keep]
             if r.empty:
                 continue
             fig.add_trace(go.Scatter(
-                x=r["diff"], y=r.metric, mode="markers", name=verdict, legendgroup=verdict,
-                showlegend=col == 1, marker={"color": colour, "size": 9},
-                error_x={"type": "data", "symmetric": False, "array": r.ci_high - r["diff"],
-                             "arrayminus": r["diff"] - r.ci_low},
-                customdata=np.stack([r.p_value, r.p_adjusted, r.mde], axis=1),
-                hovertemplate="%{y}: %{x:+.3f}<br>p %{customdata[0]:.3f}, Holm %{customdata[1]:.3f}"
-                              "<br>MDE %{customdata[2]:.3f}<extra></extra>"), row=1, col=col)
-        finite = rows[np.isfinite(rows.mde)]
-        if not finite.empty:
+                x=r["diff"] * k, y=r.metric, mode="markers", name=verdict, legendgroup=verdict,
+                showlegend=verdict not in shown, marker={"color": colour, "size": 9},
+                error_x={"type": "data", "symmetric": False, "array": (r.ci_high - r["diff"]) * k,
+                             "arrayminus": (r["diff"] - r.ci_low) * k},
+                customdata=np.stack([r.p_value, r.p_adjusted, r.mde, r["diff"]], axis=1),
+                hovertemplate="%{y}: %{customdata[3]:+.4g}<br>p %{customdata[0]:.3f}, Holm %{customdata[1]:.3f}"
+                              "<br>MDE %{customdata[2]:.4g}<extra></extra>"), row=1, col=col)
+            shown.add(verdict)
+        finite = np.isfinite(rows.mde).to_numpy()
+        if finite.any():
             for sign in (-1, 1):
-                fig.add_trace(go.Scatter(x=sign * finite.mde, y=finite.metric, mode="markers", showlegend=False,
+                fig.add_trace(go.Scatter(x=sign * rows.mde[finite] * scale[finite], y=rows.metric[finite],
+                                         mode="markers", showlegend=False,
                                          marker={"symbol": "line-ns-open", "color": "#aaaaaa", "size": 10},
                                          hoverinfo="skip"), row=1, col=col)
         fig.add_vline(x=0, line_color="black", row=1, col=col)
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title, height=120 + 26 * len(set(frame.metric)))
+    if relative:
+        fig.update_xaxes(title_text="% of the control's mean")
+    fig.update_layout(title=title, height=220 + 28 * len(set(frame.metric)))
     return fig
+
+
+def _ones(rows):
+    """A series of ones aligned with `rows` (the absolute forest plot's scale)."""
+    return rows.mean_a * 0 + 1.0
 
 
 # ---- A/B experiment report ----------------------------------------------------------------------------------
@@ -280,7 +294,8 @@ def verdict_section(frame, primary: str | None, alpha: float = 0.05) -> tuple[st
     if len(efficiency):
         text += ("<h3>Efficiency metrics</h3><p>Lower is better; their own Holm family, never mixed with the "
                  "quality metrics. Wall time is as noisy as the machine the cells shared.</p>" + table(efficiency))
-        figures.append(forest_figure(efficiency, "B - A per efficiency metric (units: s, MiB)"))
+        figures.append(forest_figure(efficiency, "B - A per efficiency metric, in % of the control's mean "
+                                                 "(lower is better)", relative=True))
     return "Verdicts", text, figures
 
 

@@ -41,11 +41,12 @@ class GracefulStop(KeyboardInterrupt):
 
 def _handler(signum: int, frame: Any) -> None:
     global _signal_received
-    for pid in list(_forward):
-        try:
-            os.kill(pid, signum)
-        except OSError:
-            pass
+    if signum == signal.SIGTERM:      # Ctrl-C's SIGINT reaches the whole process group already
+        for pid in _forward:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
     if _requested.is_set():                 # the second signal: stop now
         raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
     _signal_received = signum
@@ -102,7 +103,8 @@ def signal_received() -> int | None:
 
 
 def forward_to(pids: Iterable[int]) -> None:
-    """Send every later stop signal on to these processes too (a coordinator's worker children)."""
+    """Pass every later SIGTERM on to these processes too (a coordinator's worker children; `docker stop` signals
+    PID 1 only, while a terminal's Ctrl-C reaches the whole process group by itself)."""
     _forward.extend(int(p) for p in pids)
 
 

@@ -399,7 +399,7 @@ def objective(trial: Any, ctx: StudyContext) -> float:
     cfg = ctx.base.replace(**suggest(trial, ctx.space, ctx.base))
     run_dir, retry_of = trial_run_dir(ctx, trial)
     if retry_of is None and run_dir.exists():   # left over from an earlier study of the same name
-        remove_run_folder(run_dir, "a new trial")
+        remove_run_folder(run_dir, "a new trial", legacy_ok=True)
     claim_run_folder(run_dir, "trial")
     plan = phase_plan(cfg)
     resume_run = trial.user_attrs.get("mlflow_run_id") if retry_of is not None else None
@@ -580,6 +580,9 @@ def prepare_data(cfg: TrainingConfig, tracking_uri: str | None = None, experimen
     from .data.dataset import load_data
 
     data = load_data(cfg)
+    from .data.dataset import resolve_frame_size
+
+    cfg = resolve_frame_size(cfg, data)
     if cfg.feature_mode in ("frozen", "learned"):
         from .models.features import load_features
         from .training.sources import feature_config
@@ -764,6 +767,9 @@ def open_study(args: argparse.Namespace, pruner: Any = None, extra_sinks: list[A
     out.mkdir(parents=True, exist_ok=True)
 
     data = prepare_data(base, args.tracking_uri, args.study_name)
+    from .data.dataset import resolve_frame_size
+
+    base = resolve_frame_size(base, data)     # frame_size 0: the clips' native size, in every trial's config
     fingerprint, commit = data_fingerprint(data.root), git_commit()
     tracker = parent_run(study, args, {"optuna.study": args.study_name, "optuna.storage": _safe(args.storage),
                                        "data_fingerprint": fingerprint, "git_commit": commit})

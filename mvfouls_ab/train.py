@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data is not None and not Path(args.data).is_dir():
             raise MVFoulsError(located(args.data, "data folder not found", "pass the folder that holds Train/ "
                                        "Valid/ Test/, or leave --data out to use the synthetic data set"))
-        from .data.dataset import load_data
+        from .data.dataset import load_data, resolve_frame_size
         from .monitoring import ConsoleSink
         from .training.phases import phase_plan
         from .training.trainer import Trainer
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh:               # refuse before anything else: a folder no run made is never deleted
             check_removable(out)
         data = load_data(cfg)        # the inputs are validated before anything is deleted
+        cfg = resolve_frame_size(cfg, data)   # frame_size 0: the clips' native size
         if args.fresh:
             remove_run_folder(out)
         claim_run_folder(out)

@@ -27,7 +27,9 @@ def test_chaos_run_loses_nothing(tiny_mvfouls, tmp_path):
     chaos = load_chaos()
     out = chaos.main(["--trials", "2", "--epochs", "1", "2", "1", "--outage", "6", "--outage-kind", "freeze",
                       "--data", str(tiny_mvfouls), "--cache", str(tmp_path / "cache"), "--no-baseline",
-                      "--timeout", "240"])
+                      "--timeout", "240",
+                      # frozen small3d features (computed in seconds): the run is about the workers, not the model
+                      "--set", "backbone=small3d", "weights=none", "feature_mode=frozen"])
     c = out["chaos"]
     assert c["sigterm_exit"] == 128 + 15, c["events"]            # the SIGTERMed worker stopped gracefully
     assert c["finished"] >= c["requested"] == 2, c

@@ -296,7 +296,7 @@ def test_load_data_reads_every_split(tiny_mvfouls, tmp_path):
     bundle = load_data(cfg)
     assert [len(s) for s in bundle.splits().values()] == [8, 8, 8, 8]
     assert bundle.chall is not None and not bundle.chall.labelled and bundle.root == tiny_mvfouls
-    assert bundle.window == ClipWindow(67, 83, 17, 4, 24, 40, "crop")     # the defaults: aspect kept, centre crop
+    assert bundle.window == ClipWindow(71, 79, 17, 4, 24, 40, "crop")     # the defaults: aspect kept, centre crop
     assert bundle.dataset("Valid", views=None)[0]["clips"].shape == (4, 3, 4, 24, 40)
     n_clips = sum(len(a.clips) for s in bundle.splits().values() for a in s.actions)
     assert bundle.warm(progress=False) == n_clips - 2 and bundle.warm(progress=False) == 0
@@ -339,3 +339,20 @@ def test_bad_split_fails_before_anything_is_cached(tiny_mvfouls, tmp_path):
         load_data(TrainingConfig(data_root=str(root), cache_dir=str(cache_dir)))
     assert str(path) in str(exc.value) and "action 1:" in str(exc.value)
     assert not cache_dir.exists()
+
+
+def test_frame_size_zero_is_the_clips_native_size_capped_at_224_rows(tiny_mvfouls, tmp_path):
+    from mvfouls_ab.data.dataset import NATIVE_MAX_HEIGHT, native_size, resolve_frame_size
+
+    cfg = TrainingConfig(data_root=str(tiny_mvfouls), cache_dir=str(tmp_path / "cache"), num_frames=2)
+    assert (cfg.frame_size, cfg.frame_width) == (0, 0)               # the default: native
+    bundle = load_data(cfg)
+    assert native_size(bundle.train.actions[0].clips[0].path) == (36, 64)
+    resolved = resolve_frame_size(cfg, bundle)
+    assert (resolved.frame_size, resolved.frame_width) == (36, 64) and bundle.window.shape == (3, 2, 36, 64)
+    assert resolve_frame_size(resolved, bundle) is resolved           # concrete sizes are kept as they are
+    assert bundle.dataset("Train", views=None)[0]["clips"].shape[-2:] == (36, 64)
+    big = tmp_path / "big"
+    write_clip(big / "Train" / "action_0" / "clip_0.mp4", np.zeros((3, 720, 1280, 3), np.uint8))
+    assert native_size(big / "Train" / "action_0" / "clip_0.mp4") == (720, 1280)
+    assert NATIVE_MAX_HEIGHT == 224   # 720p -> 224 x 398: the aspect kept, the cost of the 224p release

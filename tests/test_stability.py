@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mvfouls_ab.config import TrainingConfig
+from mvfouls_ab.errors import MVFoulsError
 from mvfouls_ab.data.dataset import load_data
 from mvfouls_ab.training.stability import STEP_WARMUP, StabilityGuard
 from mvfouls_ab.training.trainer import Trainer, is_oom
@@ -84,9 +85,9 @@ def tiny_run(tiny_mvfouls: Path, tmp_path_factory: pytest.TempPathFactory):
                           posthoc_adjust=False, collapse_patience=100)
     data = load_data(base)
 
-    def run(tmp: Path, hook=None, **changes):
+    def run(tmp: Path, hook=None, eval_hook=None, **changes):
         trainer = Trainer(base.replace(**changes), data, [], tmp, resume=False)
-        trainer.step_hook = hook
+        trainer.step_hook, trainer.eval_hook = hook, eval_hook
         return trainer.run()
     return run
 
@@ -172,6 +173,7 @@ def test_repeated_failure_falls_back_to_simpler_variant(tiny_run, tmp_path):
     assert kinds(result) == ["nan_loss", "rollback", "lr_backoff"] * 2 + ["nan_loss", "rollback", "fallback_variant"]
     fallback = next(e for e in result.events if e["kind"] == "fallback_variant")
     assert fallback["detail"]["variant"] == "simplified"
+    assert fallback["detail"]["kept_tensors"] > 0          # what both variants share is carried over, not re-drawn
     assert result.variant == "simplified" and len(result.history) == 3
     assert "fallback_variant" in recorded(tmp_path / "fallback")
 
@@ -184,6 +186,44 @@ def test_class_collapse_alert_and_targeted_response(tiny_run, tmp_path):
     responses = [e for e in result.events if e["kind"] == "collapse_response"]
     assert collapses and all(e["epoch"] == 2 for e in collapses)
     assert len(responses) == len(collapses)
-    assert all(r["detail"]["weight"] == 3.0 >= r["detail"]["weight_before"] for r in responses)
+    for r in responses:                                              # the cap: 3x the smallest weight
+        d = r["detail"]
+        assert d["weight"] == pytest.approx(3.0 * d["weight_min"]) and d["weight"] >= d["weight_before"]
     assert {(c["detail"]["task"], c["detail"]["cls"]) for c in collapses} == \
         {(r["detail"]["task"], r["detail"]["cls"]) for r in responses}
+
+
+def test_fallbacks_chain_to_strictly_simpler_variants_until_none_is_left(tiny_mvfouls, tmp_path):
+    base = TrainingConfig(data_root=str(tiny_mvfouls), cache_dir=str(tmp_path / "cache"), frame_size=32, num_frames=8,
+                          backbone="small3d", feature_mode="frozen", frame_width=0, rep_holdout=0.0, num_phases=1,
+                          phase1_epochs=3, batch_size=2, device="cpu", sampler_phase1="none", posthoc_adjust=False,
+                          variant="baseline", max_recoveries=1, fallback_variant="baseline")   # not simpler than itself
+    trainer = Trainer(base, load_data(base), [], tmp_path / "chain", resume=False)
+    trainer.step_hook = lambda ctx, loss: loss * float("nan") if ctx["epoch"] >= 2 else loss
+    with pytest.raises(MVFoulsError, match="no simpler variant"):
+        trainer.run()
+    chain = [e.detail["variant"] for e in trainer.guard.events if e.kind == "fallback_variant" and "variant" in
+             e.detail and "kept_tensors" in e.detail]
+    assert len(chain) >= 2 and "baseline" not in chain and len(set(chain)) == len(chain)
+
+
+def test_out_of_memory_in_evaluation_halves_the_batch_instead_of_failing(tiny_run, tmp_path):
+    import torch
+
+    def tight_memory(ctx):
+        if ctx["batch_size"] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    result = tiny_run(tmp_path / "evaloom", eval_hook=tight_memory)
+    steps = [e["detail"]["batch"] for e in result.events if e["kind"] == "oom_eval_batch"]
+    assert steps and steps[-1] == 2 and len(result.history) == 3
+    assert result.official["test"]["leaderboard_value"] >= 0
+
+
+def test_a_changed_training_subset_is_not_a_loss_spike():
+    guard = StabilityGuard(TrainingConfig(spike_factor=2.0))
+    guard.new_phase()
+    assert guard.end_epoch(1.0, 1.0) == []
+    events = guard.end_epoch(1.0, 2.5, subset_changed=True)      # the curriculum added harder samples
+    assert [e.kind for e in events] == ["subset_changed"] and not guard.needs_rollback(events)
+    assert [e.kind for e in guard.end_epoch(1.0, 6.0)] == ["loss_spike"]   # same subset: a spike again

@@ -67,7 +67,10 @@ def test_cli_trains_and_writes_the_run_folder(tiny_mvfouls: Path, tmp_path: Path
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mvfouls-train")
     assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
-    (run,) = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("role") != "representation"]
+    (stage,) = [r for r in runs if r.data.tags.get("role") == "representation"]   # learnt once, its own run
+    assert stage.info.status == "FINISHED" and client.get_metric_history(stage.info.run_id, "holdout/score")
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("train-recommended-")
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
     assert {"variant", "phase_plan", "data_fingerprint", "git_commit", "mlflow.source.name"} <= set(run.data.tags)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from ..errors import VideoError, located
 from .annotations import Action, Clip, SplitAnnotations, load_split
 from .video import ClipWindow, decode_frames, note_padding
 
@@ -455,6 +456,39 @@ class DataBundle:
         return "; ".join(s.summary() for s in self.splits().values())
 
 
+NATIVE_MAX_HEIGHT = 224   # frame_size=0 ("native"): the clips' own size, scaled down to at most this height
+
+
+def native_size(path: Path | str) -> tuple[int, int]:
+    """(height, width) of a clip's video stream, read from its header (nothing decoded)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return int(stream.codec_context.height), int(stream.codec_context.width)
+    except (av.FFmpegError, OSError, IndexError, ValueError) as exc:
+        raise VideoError(located(path, f"cannot read the clip's frame size ({type(exc).__name__}: {exc})",
+                                 "the mp4 is corrupt or truncated: re-download or re-generate this clip")) from None
+
+
+def resolve_frame_size(cfg: Any, data: DataBundle) -> Any:
+    """cfg with concrete frame sizes: frame_size=0 (with frame_width=0) means the data's native frame size (its
+    first Train clip), scaled down to at most NATIVE_MAX_HEIGHT rows with the aspect ratio kept (398x224 -> 398x224,
+    720p -> 398x224, the synthetic 256x144 -> 256x144). Also sets the bundle's window. Any other cfg is returned as is.
+    """
+    if cfg.frame_size > 0:
+        return cfg
+    clip = next(c for a in data.train.actions for c in a.clips)
+    h, w = native_size(clip.path)
+    scale = min(1.0, NATIVE_MAX_HEIGHT / h)
+    height = max(2, int(round(h * scale / 2)) * 2)
+    width = max(2, int(round(w * scale / 2)) * 2) if cfg.frame_width == 0 else cfg.frame_width
+    resolved = cfg.replace(frame_size=height, frame_width=width)
+    data.window = ClipWindow.from_config(resolved)
+    return resolved
+
+
 def load_data(cfg: Any) -> DataBundle:
     """Load and validate Train/Valid/Test (and Chall when present) of cfg.data_root.
 
@@ -471,5 +505,7 @@ def load_data(cfg: Any) -> DataBundle:
         root = Path(default_data_root(cache_dir))
     splits = {name: load_split(root, name) for name in ("Train", "Valid", "Test")}
     chall = load_split(root, "Chall") if (root / "Chall").is_dir() else None
-    return DataBundle(splits["Train"], splits["Valid"], splits["Test"], chall,
-                      Path(os.path.abspath(root)), ClipCache(cache_dir), ClipWindow.from_config(cfg))
+    bundle = DataBundle(splits["Train"], splits["Valid"], splits["Test"], chall, Path(os.path.abspath(root)),
+                        ClipCache(cache_dir), ClipWindow.from_config(cfg) if cfg.frame_size > 0 else None)
+    resolve_frame_size(cfg, bundle)
+    return bundle

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from ..config import TrainingConfig
-from ..data.dataset import ClipCache, DataBundle, MultiViewDataset, default_cache_dir
+from ..data.dataset import ClipCache, DataBundle, MultiViewDataset, default_cache_dir, resolve_frame_size
 from ..data.folds import holdout_split
 from ..data.video import ClipWindow
 from ..errors import MVFoulsError, located
@@ -38,7 +38,6 @@ from ..models.features import load_features
 TASKS = ("action", "severity")
 FEATURE_NOISE = 0.1        # features: gaussian noise std = FEATURE_NOISE * aug_strength (standardized features)
 VIEW_DROP = 0.25           # features: each extra view dropped with prob VIEW_DROP * aug_strength
-EVAL_FEATURES = 4096       # features: evaluation in a few big batches
 
 Forward = Callable[[nn.Module], dict[str, torch.Tensor]]
 Batch = tuple[Forward, dict[str, torch.Tensor]]
@@ -93,8 +92,8 @@ class FeatureSource(Source):
             yield (lambda model, x=x, m=m: model.forward_features(x, m)), self.labels_of(idx, device)
 
     def eval_batches(self, bs: int, device: torch.device) -> Iterator[Forward]:
-        for s in range(0, len(self), EVAL_FEATURES):
-            x, m = self.feats[s:s + EVAL_FEATURES].to(device), self.mask[s:s + EVAL_FEATURES].to(device)
+        for s in range(0, len(self), bs):
+            x, m = self.feats[s:s + bs].to(device), self.mask[s:s + bs].to(device)
             yield lambda model, x=x, m=m: model.forward_features(x, m)
 
 
@@ -202,6 +201,7 @@ def feature_config(cfg: TrainingConfig, data: DataBundle, progress: bool = True,
                    ) -> tuple[TrainingConfig, dict[str, Any]]:
     """The config whose frozen features a run uses: for feature_mode=learned, the representation stage's backbone
     (trained once, cached) as `weights`; otherwise cfg itself. Also returns the stage's summary ({} if none)."""
+    cfg = resolve_frame_size(cfg, data)
     if cfg.feature_mode != "learned":
         return cfg, {}
     from .representation import learn_representation
@@ -218,6 +218,7 @@ def build_sources(cfg: TrainingConfig, data: DataBundle, progress: bool = True,
     """Every split of `data` as a Source (see the module docstring); Train split into fit and held-out parts."""
     if data.cache is None:
         data.cache = ClipCache(default_cache_dir(cfg))
+    cfg = resolve_frame_size(cfg, data)
     splits = {"train": data.train, "valid": data.valid, "test": data.test, "chall": data.chall}
     for name in ("train", "valid", "test"):
         if splits[name] is None or len(splits[name]) == 0:

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import TrainingConfig
 
 EVENT_KINDS = ("loss_spike", "nan_loss", "grad_norm", "class_collapse", "collapse_response", "oom",
-               "rollback", "lr_backoff", "fallback_variant")
+               "rollback", "lr_backoff", "fallback_variant", "oom_eval_batch", "oom_eval_cpu", "subset_changed")
 STEP_SPIKE_FACTOR = 5.0     # a step loss > STEP_SPIKE_FACTOR * spike_factor * running mean is an explosion
 STEP_WARMUP = 20            # steps of a phase before the running mean is trusted
 EMA_DECAY = 0.95
@@ -104,14 +104,18 @@ class StabilityGuard:
 
     # ---- per epoch -----------------------------------------------------------------------------------
     def end_epoch(self, val_loss: float, train_loss: float,
-                  recalls: dict[str, list[float]] | None = None) -> list[Event]:
-        """Epoch-level checks. recalls: task -> per-class validation recall (nan where a class has no samples)."""
+                  recalls: dict[str, list[float]] | None = None, subset_changed: bool = False) -> list[Event]:
+        """Epoch-level checks. recalls: task -> per-class validation recall (nan where a class has no samples).
+        subset_changed: the epoch trained on other samples than the previous one (a curriculum step): its loss is
+        not compared with the previous epoch's (harder samples raise it legitimately), only recorded."""
         out: list[Event] = []
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             out.append(self.record("nan_loss", train_loss=str(train_loss), val_loss=str(val_loss), scope="epoch"))
             return out
         prev = self.prev_train_loss
-        if prev is not None and train_loss > self.cfg.spike_factor * prev:
+        if subset_changed and prev is not None:
+            out.append(self.record("subset_changed", loss=train_loss, previous=prev))
+        elif prev is not None and train_loss > self.cfg.spike_factor * prev:
             out.append(self.record("loss_spike", loss=train_loss, previous=prev, factor=self.cfg.spike_factor,
                                   scope="epoch"))
             return out

@@ -32,11 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
-from .. import labels, shutdown
+from .. import labels, oom, shutdown
 from ..config import TrainingConfig
 from ..errors import MVFoulsError, located
+from ..fsutil import atomic_write, atomic_write_jsonl, claim_run_folder
 from . import checkpoint as ckpt
 from .losses import multitask_loss
 from .phases import PhaseSpec, phase_plan
@@ -44,6 +46,7 @@ from .sources import Source, Sources, build_sources
 from .stability import Event, StabilityGuard
 
 TASKS = ("action", "severity")
+EVAL_FEATURES = 4096       # embeddings per evaluation batch (halved on out-of-memory)
 
 
 class _Diverged(Exception):
@@ -92,18 +95,21 @@ class Trainer:
         self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                                    else "cpu")
         self.amp = cfg.amp and self.device.type == "cuda"
-        # Test-facing fault injection: called as step_hook(context, loss) -> loss for every training step.
+        # Test-facing fault injection: step_hook(context, loss) -> loss for every training step; eval_hook(context)
+        # before every evaluation batch (a test raises torch.OutOfMemoryError there).
         self.step_hook: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None
+        self.eval_hook: Callable[[dict[str, Any]], None] | None = None
 
     # =====================================================================================================
     def run(self) -> RunResult:
+        from ..data.dataset import resolve_frame_size
         from ..monitoring import TrainingMonitor
 
-        cfg = self.cfg
+        self.cfg = cfg = resolve_frame_size(self.cfg, self.data)   # frame_size 0: the clips' native size
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(self.run_dir / "config.yaml")
+        claim_run_folder(self.run_dir)          # a new, empty or earlier run folder; never a user's folder
+        atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(cfg.flat(), sort_keys=False))
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.np_rng = np.random.default_rng(cfg.seed)
@@ -127,7 +133,7 @@ class Trainer:
         self.history: list[Any] = []
         self.top: list[dict[str, Any]] = []      # best-so-far first: {score, epoch, path, variant, complexity}
         self.global_epoch = 0
-        self._jsonl_lines = -1                   # lines of metrics.jsonl known to match history (-1: rewrite)
+        self.last_subset: tuple[int, int] | None = None   # (size, hash) of the previous epoch's training samples
         start_phase, start_epoch, state = 0, 0, None
         last = self.ckpt_dir / ckpt.LAST
         if self.resume and last.is_file():
@@ -189,10 +195,13 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             val_logits, val_loss = self._predict(self.sources["valid"], with_loss=True)
             recalls = self._recalls(val_logits, self.sources["valid"].targets)
-            events = guard.end_epoch(val_loss, train_loss, recalls)
+            subset = (len(self.epoch_subset), hash(self.epoch_subset.tobytes()))
+            events = guard.end_epoch(val_loss, train_loss, recalls,
+                                     subset_changed=self.last_subset is not None and subset != self.last_subset)
             if guard.needs_rollback(events):
                 self._recover(spec, e, events[0].kind, snapshot)
                 continue
+            self.last_subset = subset
             for ev in events:
                 if ev.kind == "class_collapse" and self.cfg.collapse_response:
                     self._boost_class(spec, ev)
@@ -202,13 +211,17 @@ class Trainer:
 
     def _recover(self, spec: PhaseSpec, e: int, reason: str, snapshot: tuple) -> None:
         events = self.guard.recover(reason)
-        if any(ev.kind == "fallback_variant" for ev in events):
-            if self.guard.fallbacks > 1:
-                raise MVFoulsError(located(self.run_dir, f"training keeps diverging ({reason}) even after falling "
-                                           f"back to variant {self.variant!r}",
+        fallback = next((ev for ev in events if ev.kind == "fallback_variant"), None)
+        if fallback is not None:
+            target = self._simpler_variant()
+            if target is None:
+                raise MVFoulsError(located(self.run_dir, f"training keeps diverging ({reason}) and variant "
+                                           f"{self.variant!r} has no simpler variant to fall back to",
                                            "lower the learning rates or the class-weight caps"))
-            self.variant = self.cfg.fallback_variant
+            self._restore_snapshot(snapshot)          # the last stable weights, then carried into the new model
+            old, self.variant = self.model, target
             self.model = self._build_model(self.variant, self.complexity)
+            fallback.detail.update(variant=target, kept_tensors=transfer_weights(old, self.model))
             self.optimizer, self.scheduler = self._make_optimizer(spec)
             with warnings.catch_warnings():   # fast-forward the fresh schedule to this epoch (no optimizer step yet)
                 warnings.simplefilter("ignore", UserWarning)
@@ -217,6 +230,22 @@ class Trainer:
             return
         self._restore_snapshot(snapshot)
         self._scale_lr(self.cfg.lr_backoff)
+
+    def _simpler_variant(self) -> str | None:
+        """The fallback: cfg.fallback_variant when it is strictly simpler (fewer head parameters) than the current
+        variant, else the most complex variant that is; None when the current one is the simplest."""
+        from ..models.variants import VARIANT_REGISTRY, build_model
+
+        def size(name: str) -> int:
+            level = self.complexity if name == self.variant else self.cfg.complexity_level
+            cfg = self.cfg.replace(variant=name, complexity_level=level, feature_mode="frozen", weights="none")
+            return sum(p.numel() for p in build_model(cfg).head.parameters())
+
+        current = size(self.variant)
+        smaller = {name: n for name in VARIANT_REGISTRY if name != self.variant and (n := size(name)) < current}
+        if self.cfg.fallback_variant in smaller:
+            return self.cfg.fallback_variant
+        return max(smaller, key=smaller.get) if smaller else None
 
     def _restore_snapshot(self, snapshot: tuple) -> None:
         model_state, optim_state, sched_state = snapshot
@@ -234,13 +263,14 @@ class Trainer:
             self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
 
     def _boost_class(self, spec: PhaseSpec, ev: Event) -> None:
-        """Targeted response to a collapsed class: raise its weight to the phase cap."""
+        """Targeted response to a collapsed class: raise its weight to the phase cap (cap x the smallest weight)."""
         task, cls = ev.detail["task"], ev.detail["cls"]
         weights = self.phase_state["weights"][task]
-        before = float(weights[cls])
-        weights[cls] = max(before, spec.cap)
+        before, lowest = float(weights[cls]), float(np.min(weights))
+        weights[cls] = max(before, spec.cap * lowest)
         self._build_losses(spec)
-        self.guard.record("collapse_response", task=task, cls=cls, weight_before=before, weight=float(weights[cls]))
+        self.guard.record("collapse_response", task=task, cls=cls, weight_before=before, weight=float(weights[cls]),
+                          weight_min=lowest)
 
     # ---- training ------------------------------------------------------------------------------------
     def _train_epoch(self, spec: PhaseSpec, e: int) -> tuple[float, float, int]:
@@ -301,6 +331,7 @@ class Trainer:
                                      spec.epochs, self.cfg.curriculum_start, self.cfg.curriculum_pacing,
                                      self.cfg.curriculum_full_at, self.np_rng)
             candidates = candidates[np.asarray(sel, dtype=np.int64)]
+        self.epoch_subset = np.sort(candidates)      # what this epoch trains on (the spike check compares it)
         progress = e / max(spec.epochs - 1, 1)
         w = np.asarray(sample_weights(y["action"][candidates], y["severity"][candidates], spec.sampler,
                                       progress=progress, oversample=self.cfg.oversample), dtype=np.float64)
@@ -314,14 +345,24 @@ class Trainer:
                  ) -> tuple[dict[str, np.ndarray], float]:
         """All views; logits per task as numpy, and the plain (unweighted) CE of both tasks on labelled samples."""
         model = model or self.model
-        model.eval()
-        outs: dict[str, list[torch.Tensor]] = {t: [] for t in TASKS}
-        for forward in src.eval_batches(self.guard.batch_size, self.device):
-            with torch.autocast(self.device.type, enabled=self.amp):
-                o = forward(model)
-            for t in TASKS:
-                outs[t].append(o[t].float().cpu())
-        logits = {t: torch.cat(outs[t]) for t in TASKS}
+        start = self.guard.batch_size if self.trains_backbone else EVAL_FEATURES
+
+        def once(bs: int, dev: torch.device) -> dict[str, torch.Tensor]:   # out of memory: half the batch, then CPU
+            model.to(dev).eval()
+            try:
+                outs: dict[str, list[torch.Tensor]] = {t: [] for t in TASKS}
+                for forward in src.eval_batches(bs, dev):
+                    if self.eval_hook is not None:
+                        self.eval_hook({"what": src.name, "batch_size": bs, "device": dev.type})
+                    with torch.autocast(dev.type, enabled=self.amp and dev.type == "cuda"):
+                        o = forward(model)
+                    for t in TASKS:
+                        outs[t].append(o[t].float().cpu())
+                return {t: torch.cat(outs[t]) for t in TASKS}
+            finally:
+                model.to(self.device)
+
+        logits = oom.degrade(once, start, self.device, on_event=self.guard.record, what=src.name)
         loss = float("nan")
         if with_loss:
             loss = 0.0
@@ -361,6 +402,7 @@ class Trainer:
 
         cfg = self.cfg
         self.guard.new_phase()
+        self.last_subset = None                      # a new phase: new data, new loss; nothing to compare with
         if self.variant == "progressive" and cfg.progressive_grow and self.complexity != spec.number:
             from ..models.variants import set_complexity
 
@@ -489,14 +531,10 @@ class Trainer:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
         ckpt.save_atomic(state, self.ckpt_dir / ckpt.LAST)
-        # metrics.jsonl mirrors the checkpoint's history: rewritten after a resume, then one line appended per epoch
-        if self._jsonl_lines == len(self.history) - 1:
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(self.history[-1].to_dict(), default=_json_default) + "\n")
-        else:
-            self._write_jsonl("metrics.jsonl", [r.to_dict() for r in self.history])
-        self._jsonl_lines = len(self.history)
-        self._write_jsonl("events.jsonl", [e.to_dict() for e in self.guard.events])
+        # metrics.jsonl mirrors the checkpoint's history; both files are replaced whole (atomic: a reader never
+        # sees half a line), a few KB per epoch
+        atomic_write_jsonl(self.run_dir / "metrics.jsonl", [r.to_dict() for r in self.history], _json_default)
+        atomic_write_jsonl(self.run_dir / "events.jsonl", [e.to_dict() for e in self.guard.events], _json_default)
         keep = {Path(e["path"]).name for e in self.top}
         for path in self.ckpt_dir.glob("model_epoch*.pt"):
             if path.name not in keep:
@@ -540,12 +578,6 @@ class Trainer:
             return pi + 1, 0
         return pi, done
 
-    def _write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
-        path = self.run_dir / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-        tmp.replace(path)
-
     # ---- final predictions ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
         from ..evaluate import detailed_report, write_predictions
@@ -587,7 +619,7 @@ class Trainer:
                 per_class[name] = {t: report["tasks"][t]["recall"] for t in TASKS}
         summary = {"best_epoch": self.top[0]["epoch"], "ensemble": [e["epoch"] for e in self.top], "taus": taus,
                    "variant": self.variant, "official": official, "per_class_recall": per_class}
-        (self.run_dir / "official_metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        atomic_write(self.run_dir / "official_metrics.json", json.dumps(summary, indent=2, default=_json_default))
         best = next(r for r in self.history if r.step + 1 == self.top[0]["epoch"])
         return RunResult(best=best, history=self.history, checkpoint=Path(self.top[0]["path"]),
                          predictions=predictions, official=official, per_class_recall=per_class, logits=final,
@@ -611,3 +643,12 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def transfer_weights(old: nn.Module, new: nn.Module) -> int:
+    """Copy every tensor whose name and shape match from `old` into `new` (a fallback keeps what was learnt where
+    the architectures agree: the backbone, shared blocks, the task heads); returns how many were copied."""
+    target = new.state_dict()
+    kept = {k: v for k, v in old.state_dict().items() if k in target and target[k].shape == v.shape}
+    new.load_state_dict(kept, strict=False)
+    return len(kept)
