@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import oom
 from ..config import TrainingConfig
 from ..data.annotations import SplitAnnotations
 from ..data.dataset import MAX_VIEWS, ClipCache
@@ -142,8 +143,13 @@ def compute_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCa
         for start in range(0, len(jobs), step):
             batch = jobs[start:start + step]
             clips = torch.from_numpy(np.stack([cache.get(clip, window, aid) for _, _, clip, aid in batch]))
-            x = normalize_clips(clips.to(device)).contiguous(memory_format=layout)
-            out = backbone(x).float().cpu().numpy()
+
+            def embed(bs: int, dev: torch.device, clips: torch.Tensor = clips) -> np.ndarray:
+                net = backbone.to(dev)       # out of memory: half the batch, then the CPU (oom.degrade)
+                return np.concatenate([net(normalize_clips(clips[s:s + bs].to(dev)).contiguous(memory_format=layout))
+                                       .float().cpu().numpy() for s in range(0, len(clips), bs)])
+
+            out = oom.degrade(embed, len(batch), device, what=f"{split.split} features")
             for (i, v, _, _), row in zip(batch, out):
                 feats[i, v] = row
                 mask[i, v] = True
