@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mvfouls_ab import ab, abtest, stats  # noqa: E402
+from mvfouls_ab import ab, abtest, stats
 
 PRIMARY = abtest.PRIMARY_METRIC
 
@@ -151,13 +151,17 @@ def real(args: argparse.Namespace) -> dict:
         any_old += bool((stats.holm(old_p) < args.alpha).any())
         cell_s.append((time.perf_counter() - t0) / max(1, len(summary.ran)))
         primary = quality[quality.metric == PRIMARY].iloc[0]
+        efficiency = frame[frame.family == stats.EFFICIENCY]
         runs.append({"run": exp.name, "cells": len(table), "seconds": round(time.perf_counter() - t0, 1),
                      "primary_diff": float(primary["diff"]), "primary_p": float(primary.p_value),
                      "primary_verdict": primary.verdict,
-                     "false_verdicts": int((quality.verdict != stats.NO_DIFFERENCE).sum())})
+                     "false_verdicts": int((quality.verdict != stats.NO_DIFFERENCE).sum()),
+                     "efficiency": {r.metric: (round(float(r.diff), 3), round(float(r.p_adjusted), 3), r.verdict)
+                                    for r in efficiency.itertuples()}})
         print(f"[real] run {j}: {len(table)} cells in {runs[-1]['seconds']} s; {PRIMARY} B - A "
               f"{primary['diff']:+.4f} (p {primary.p_value:.3f}, {primary.verdict}); "
-              f"{runs[-1]['false_verdicts']} of {len(quality)} quality metrics with a verdict after Holm")
+              f"{runs[-1]['false_verdicts']} of {len(quality)} quality metrics with a verdict after Holm; efficiency: "
+              + "; ".join(f"{m} {d:+.3f} (Holm p {p:.3f}, {v})" for m, (d, p, v) in runs[-1]["efficiency"].items()))
     n_runs = len(runs)
     m = len(per_metric["corrected_t"])
     result = {"runs": n_runs, "cells": int(sum(r["cells"] for r in runs)), "seconds": round(time.perf_counter() - t_start),

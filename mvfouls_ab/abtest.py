@@ -793,11 +793,11 @@ def warm_inputs(cfg: TrainingConfig, data: Any, bundle: Any) -> None:
 def run_cell(experiment: Experiment, cell: Cell, data: Any, out: Path, tracking_uri: str | None,
              arm_run_id: str | None) -> tuple[float, dict[str, Any]]:
     """Train one cell (resuming from its folder's checkpoint) and return (held-out leaderboard, attributes)."""
+    from .fsutil import claim_run_folder
     from .training.trainer import Trainer
 
     cfg = experiment.config(cell.arm, cell.seed)
-    folder = cell_dir(out, cell)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = claim_run_folder(cell_dir(out, cell), "ab-cell")   # marked before the MLflow run id is written there
     tracker = sink = None
     sinks: list[Any] = []
     if tracking_uri:
@@ -1118,7 +1118,7 @@ def format_verdicts(frame, metrics: Sequence[str] | None = None) -> str:
     """A plain-text verdict table (what the CLI prints and the README quotes)."""
     if frame.empty:
         return "(no paired cells yet)"
-    lines = [(f"{'arm':<16} {'metric':<34} {'A':>8} {'B':>8} {'B-A':>9} {'95% CI':>21} {'p':>7} {'p_adj':>7} "
+    lines = [(f"{'arm':<16} {'metric':<40} {'A':>8} {'B':>8} {'B-A':>9} {'95% CI':>21} {'p':>7} {'p_adj':>7} "
              f"{'MDE/adj':>15}  verdict")]
     for _, r in frame.iterrows():
         if metrics and r.metric not in metrics:
@@ -1126,7 +1126,7 @@ def format_verdicts(frame, metrics: Sequence[str] | None = None) -> str:
         ci = f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
         mde = _fmt_mde(r.mde) + "/" + _fmt_mde(r.mde_adjusted)
         tag = "" if r.family == stats.QUALITY else f" ({r.family}, {r.direction} is better)"
-        lines.append(f"{r.arm:<16} {r.metric:<34} {r.mean_a:8.3f} {r.mean_b:8.3f} {r['diff']:+9.3f} {ci:>21} "
+        lines.append(f"{r.arm:<16} {r.metric:<40} {r.mean_a:8.3f} {r.mean_b:8.3f} {r['diff']:+9.3f} {ci:>21} "
                      f"{r.p_value:7.3f} {r.p_adjusted:7.3f} {mde:>15}  {r.verdict}{tag}")
     return "\n".join(lines)
 

@@ -343,8 +343,8 @@ def experiment_report_html(exp: abtest.Experiment, finished: Mapping[str, Any], 
         ("Per-class recall per arm", "", [per_class_figure(values, "Per-class recall (mean, 95% CI over cells)")]),
         ("Confusion matrices", ("<p>Summed over the arm's cells (held-out fold, deployed predictions); colour = "
          "share of the true class.</p>"), [confusion_figure(matrices, "Confusion matrices per arm")]),
-        ("Learning curves", "<p>On each cell's inner validation split (what selects the epoch). Thin: one cell; "
-         "thick: mean of the arm.</p>", [curves_figure(curves, "Learning curves per arm")]),
+        ("Learning curves", ("<p>On each cell's inner validation split (what selects the epoch). Thin: one cell; "
+                             "thick: mean of the arm.</p>"), [curves_figure(curves, "Learning curves per arm")]),
         ("Stability events", f"<p>{len(events)} events in {sum(map(len, by_arm.values()))} cells.</p>",
          [events_figure(events, "StabilityGuard events per cell")]),
     ]

@@ -238,8 +238,15 @@ def test_dead_worker_cell_is_rerun(setup, monkeypatch) -> None:
     while (other := store.claim()) is not None:  # the other cells finish normally (results made up: not used)
         store.complete(other[0], 0.5, {"metrics": {}, "arm": other[1].arm})
     time.sleep(3)
-    summary = abtest.run_worker(exp, storage, None, tmp / "dead_out")
-    assert summary.ran == [cell.key] and not summary.failed   # only the dead worker's cell is rerun
+    ran = []   # the cell itself is not what this tests (the end-to-end test trains cells): record, do not train
+
+    def fake_cell(experiment, c, data, out, tracking_uri, arm_run_id):
+        ran.append(c.key)
+        return 0.5, {"metrics": {}, "epochs": 1, "wall_s": 0.0}
+
+    monkeypatch.setattr(abtest, "run_cell", fake_cell)
+    summary = abtest.run_worker(exp, storage, None, tmp / "dead_out", data=object())
+    assert summary.ran == [cell.key] == ran and not summary.failed   # only the dead worker's cell is rerun
     assert summary.counts["finished"] == 4 and summary.counts["failed_attempts"] == 1
 
 

@@ -151,7 +151,7 @@ GAIN_RANGE = (0.7, 1.0)       # per-action clarity: scales every view's zoom by 
 # fast the limb goes in, how high, how far it follows through, how far the victim is knocked and how hard he falls.
 INTENSITY = (0.12, 0.42, 0.70, 0.98)
 INTENSITY_JITTER = 0.07
-CLUTTER = 1.0                 # scales the class-independent nuisance (pitch tone/stripes, drift, distractor motion)
+CLUTTER = 1.0                 # scales class-independent nuisance: pitch tone, other players, camera drift/shake
 # Kits (shirt, shorts, socks). Both teams of every action come from the same list, whatever the class.
 KITS = np.array([
     [(200, 30, 40), (245, 245, 245), (200, 30, 40)],      # red
@@ -407,7 +407,7 @@ class _Pose:
 
 def _ease(tau: np.ndarray, a: float, b: float) -> np.ndarray:
     """0 before a, 1 after b, smooth in between."""
-    u = np.clip((tau - a) / max(b - a, 1e-6), 0.0, 1.0)
+    u = _clip((tau - a) / max(b - a, 1e-6), 0.0, 1.0)
     return u * u * (3 - 2 * u)
 
 
@@ -426,24 +426,37 @@ def _kf(tau: np.ndarray, keys, values) -> np.ndarray:
     return values[i] + (values[i + 1] - values[i]) * u
 
 
+def _clip(x, low, high):
+    """np.clip without its Python-level overhead (called on small arrays thousands of times per clip)."""
+    return np.minimum(np.maximum(x, low), high)
+
+
 def _sph(a, b) -> np.ndarray:
-    """Body-frame direction: swung forward by `a` from hanging down, out to the side by `b`."""
-    a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
-    return np.stack([np.sin(a) * np.cos(b), np.sin(b), -np.cos(a) * np.cos(b)], -1)
+    """Body-frame direction [..., 3]: swung forward by `a` from hanging down, out to the side by `b`."""
+    cb = np.cos(b)
+    out = np.empty(np.broadcast_shapes(np.shape(a), np.shape(b)) + (3,))
+    out[..., 0] = np.sin(a) * cb
+    out[..., 1] = np.sin(b)
+    out[..., 2] = -np.cos(a) * cb
+    return out
+
+
+def _segments(a, b, c, sign: float) -> np.ndarray:
+    """[..., 2, 3] directions of a limb aimed at `a`, abducted by `b`, bent by `c`; the first segment swung by
+    sign * c / 2 (knees forward: +1; elbows back: -1), the second by the opposite."""
+    a, b, c = (np.asarray(v, np.float64) for v in (a, b, c))
+    half = sign * c / 2
+    return _sph(np.stack(np.broadcast_arrays(a + half, a - half), -1), np.asarray(b)[..., None])
 
 
 def _leg(a, b, c) -> np.ndarray:
     """Leg aimed at `a` (forward from hanging down, body frame), abducted by `b`, knee bent by `c` (knee forward)."""
-    a = np.asarray(a, np.float64)
-    c = np.asarray(c, np.float64)
-    return np.stack(np.broadcast_arrays(_sph(a + c / 2, b), _sph(a - c / 2, b)), -2)
+    return _segments(a, b, c, 1.0)
 
 
 def _arm(a, b, c) -> np.ndarray:
     """Arm aimed at `a`, abducted by `b`, elbow bent by `c` (forearm forward/up)."""
-    a = np.asarray(a, np.float64)
-    c = np.asarray(c, np.float64)
-    return np.stack(np.broadcast_arrays(_sph(a - c / 2, b), _sph(a + c / 2, b)), -2)
+    return _segments(a, b, c, -1.0)
 
 
 def _set(pose: _Pose, w, **values) -> None:
@@ -477,20 +490,20 @@ def _reach(pose: _Pose, name: str, target: np.ndarray) -> np.ndarray:
 
 def _travel(tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance run (in units of speed x EVENT_HALF) and speed factor: constant speed, then a stop after the event."""
-    u = np.clip(tau, 0.0, STOP)
-    return np.where(tau < 0, tau, u - u * u / (2 * STOP)), np.clip(1 - u / STOP, 0.0, 1.0)
+    u = _clip(tau, 0.0, STOP)
+    return np.where(tau < 0, tau, u - u * u / (2 * STOP)), _clip(1 - u / STOP, 0.0, 1.0)
 
 
 def _run_pose(x, y, yaw, phase, m) -> _Pose:
     """Running (m = 1) or standing (m = 0): legs and arms swing in opposition with the gait phase."""
-    s, c = np.sin(phase) * m, np.cos(phase) * m
-    limbs = {
-        "ll": _leg(0.05 + 0.55 * s, 0.06, 0.25 + 0.45 * m + 0.45 * c),
-        "rl": _leg(0.05 - 0.55 * s, 0.06, 0.25 + 0.45 * m - 0.45 * c),
-        "la": _arm(0.1 - 0.5 * s, 0.18, 0.4 + 1.0 * m),
-        "ra": _arm(0.1 + 0.5 * s, 0.18, 0.4 + 1.0 * m),
-    }
     n = len(phase)
+    m = np.broadcast_to(m, n)
+    s, c = np.sin(phase) * m, np.cos(phase) * m
+    aim = np.stack([0.05 + 0.55 * s, 0.05 - 0.55 * s, 0.1 - 0.5 * s, 0.1 + 0.5 * s])        # ll, rl, la, ra
+    half = np.stack([0.25 + 0.45 * m + 0.45 * c, 0.25 + 0.45 * m - 0.45 * c, 0.4 + m, 0.4 + m]) / 2
+    half *= np.array([1.0, 1.0, -1.0, -1.0])[:, None]                                          # knees fwd, elbows back
+    dirs = _sph(np.stack([aim + half, aim - half], -1), np.array([0.06, 0.06, 0.18, 0.18])[:, None, None])
+    limbs = dict(zip(("ll", "rl", "la", "ra"), dirs))
     return _Pose(np.broadcast_to(x, n).astype(np.float64), np.broadcast_to(y, n).astype(np.float64),
                  np.broadcast_to(yaw, n).astype(np.float64), 0.04 + 0.16 * m, np.zeros(n), np.zeros(n), limbs)
 
@@ -537,7 +550,7 @@ def _joints(pose: _Pose) -> np.ndarray:
 class _Scene:
     """What one action looks like, whatever the camera: the two players, their run-up, the pitch, the others."""
 
-    action: int
+    action: int | None
     severity: int
     gain: float
     k: float               # contact intensity
@@ -548,7 +561,7 @@ class _Scene:
     kits: np.ndarray       # [2, 3, 3] offender's and victim's kits
     skins: np.ndarray      # [2, 3]
     others: np.ndarray     # [n, 7] distractors: dx, dy, heading, speed, phase, kit (0/1/2 referee), skin
-    pitch: np.ndarray      # [7] stripe width, stripe angle, grass r/g/b, line offsets (2)
+    pitch: np.ndarray      # [8] stripe width (m), stripe angle, grass r/g/b, two line offsets, stands (m)
     lag: float
 
 
@@ -798,8 +811,8 @@ def _stamp(flat: np.ndarray, base: np.ndarray, p0: np.ndarray, p1: np.ndarray, r
         pts = p0[:, None, :] + (p1 - p0)[:, None, :] * lin
     c = np.rint(pts).astype(np.int32)
     margin = BORDER - int(np.ceil(r_px))
-    cx = np.clip(c[..., 0], -margin, WIDTH - 1 + margin)
-    cy = np.clip(c[..., 1], -margin, HEIGHT - 1 + margin)
+    cx = _clip(c[..., 0], -margin, WIDTH - 1 + margin)
+    cy = _clip(c[..., 1], -margin, HEIGHT - 1 + margin)
     centre = base[:, None] + (cy + BORDER) * (WIDTH + 2 * BORDER) + (cx + BORDER)
     flat[(centre[..., None] + _disc(round(r_px * 10))).ravel()] = colour
 
@@ -944,12 +957,13 @@ def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
     sx0, sy0 = int(shift_x[:nt].min()), int(shift_y[:nt].min())
     bh, bw = HEIGHT + 2 * BORDER, WIDTH + 2 * BORDER
     canvas = _background(sc, right, depth, scale, sin_el, light,
-                         x0=sx0 - BORDER - WIDTH / 2 - frame_x, y0=sy0 - BORDER - HEIGHT / 2 - frame_y,
-                         width=bw + int(shift_x[:nt].max()) - sx0, height=bh + int(shift_y[:nt].max()) - sy0)
-    buf = np.empty((nt, bh, bw), np.uint32)
+                         x0=sx0 - WIDTH / 2 - frame_x, y0=sy0 - HEIGHT / 2 - frame_y,
+                         width=WIDTH + int(shift_x[:nt].max()) - sx0, height=HEIGHT + int(shift_y[:nt].max()) - sy0)
+    buf = np.empty((nt, bh, bw), np.uint32)          # the border only catches what is drawn off the frame
+    inner = buf[:, BORDER:-BORDER, BORDER:-BORDER]
     for i in range(nt):
         ox, oy = int(shift_x[i]) - sx0, int(shift_y[i]) - sy0
-        buf[i] = canvas[oy:oy + bh, ox:ox + bw]
+        inner[i] = canvas[oy:oy + HEIGHT, ox:ox + WIDTH]
     flat = buf.reshape(-1)
     base = np.arange(nt, dtype=np.int32) * np.int32(bh * bw)
     # The ball rolls on ahead of the victim (whatever the class).
@@ -978,7 +992,7 @@ def _render_view(sc: _Scene, view: ViewSpec, rng: np.random.Generator,
         left_far = float((J[-1, L_SHOULDER, :2] - J[-1, R_SHOULDER, :2]) @ depth) > 0
         for j0, j1, radius, slot, length in _figure_segments(left_far):
             _stamp(flat, bv, Pv[:, j0], Pv[:, j1], radius * scale, length * scale, colours[slot])
-    return _to_rgb(buf[:, BORDER:-BORDER, BORDER:-BORDER])
+    return _to_rgb(inner)
 
 
 def render_view(look_action: int, look_severity: int, gain: float, view: ViewSpec,

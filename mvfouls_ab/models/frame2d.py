@@ -3,8 +3,9 @@
 Input: normalized float clips [N, 3, T, H, W]; every frame goes through the same 2D CNN and the per-frame
 embeddings are max-pooled over time: [N, D]. Why this shape (benchmarks/README.md, "Representation stage"):
 - What tells fouls apart is small and spatial (a raised leg, an arm on an opponent, a mark on a shirt), so the
-  network keeps detail: one stride-2 stem, then 3x3 convolutions with 2x2 max-pooling, at the clip's full frame
-  size (no early average pooling that would blur a few-pixel structure away).
+  network keeps detail: 3x3 convolutions at full resolution, each followed by 2x2 max-pooling (the strongest
+  local response survives; a strided stem or early average pooling would alias or blur a few-pixel structure
+  away), at the clip's native frame size (frame_size 0).
 - The embedding is the spatial max and the spatial mean of the last block (D = 2 x 4 x width): the max answers
   "is the pattern anywhere in the frame", wherever the foul happens; the mean keeps the overall scene.
 - The max over time lets a few frames around the event carry the class while the others are ignored.
@@ -27,7 +28,7 @@ class Frame2D(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _block(3, w // 2, stride=2), _block(w // 2, w), nn.MaxPool2d(2),
+            _block(3, w // 2), nn.MaxPool2d(2), _block(w // 2, w), nn.MaxPool2d(2),
             _block(w, 2 * w), nn.MaxPool2d(2),
             _block(2 * w, 4 * w), nn.MaxPool2d(2),
             _block(4 * w, 4 * w),
