@@ -71,6 +71,7 @@ import yaml
 
 from . import stats
 from .config import PROFILES, TrainingConfig, coerce, load_config
+from .data.folds import fold_assignment, stratification_labels  # noqa: F401 - stratification_labels re-exported
 from .errors import AnalysisError, ConfigError, StudyError, located
 from .labels import CLASS_SLUGS, TASKS
 from .urls import redact, redact_text
@@ -300,35 +301,6 @@ def _keys_of(path: Path) -> set[str]:
 
 
 # ---- folds --------------------------------------------------------------------------------------------------
-def stratification_labels(action: np.ndarray, severity: np.ndarray, n_folds: int) -> np.ndarray:
-    """Joint action x severity label; combinations rarer than n_folds merged (action, then severity, then one)."""
-    joint = np.array([f"a{a}s{s}" for a, s in zip(action, severity)], dtype=object)
-    for coarser in ([f"a{a}" for a in action], [f"s{s}" for s in severity], ["rare"] * len(action)):
-        counts = Counter(joint)
-        rare = np.array([counts[j] < n_folds for j in joint])
-        if not rare.any():
-            break
-        joint[rare] = np.array(coarser, dtype=object)[rare]
-    counts = Counter(joint)
-    if 0 < counts.get("rare", 0) < n_folds:   # still too few: they join the largest group
-        joint[joint == "rare"] = counts.most_common(1)[0][0]
-    return joint.astype(str)
-
-
-def fold_assignment(action: np.ndarray, severity: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold index (0..n_folds-1) of every action: StratifiedKFold, shuffled with `seed`."""
-    from sklearn.model_selection import StratifiedKFold
-
-    y = stratification_labels(np.asarray(action), np.asarray(severity), n_folds)
-    out = np.full(len(y), -1, dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny data sets
-        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        for f, (_, held_out) in enumerate(splitter.split(np.zeros(len(y)), y)):
-            out[held_out] = f
-    return out
-
-
 def _fold_split(name: str, actions: list, sources: list[str], path: Path, root: Path, note: str):
     """A SplitAnnotations of re-numbered actions, written as an official annotations.json first."""
     from .data.annotations import SplitAnnotations

@@ -111,8 +111,10 @@ def corrected_t_test(diffs: Sequence[float], n_folds: int, alpha: float = 0.05,
     """Two-sided corrected resampled t-test of mean(diffs) = 0 for r x k-fold cells, with its (1 - alpha) CI.
 
     ratio: n_test / n_train of a cell (default 1 / (n_folds - 1)). NaNs are dropped. With fewer than two
-    differences nothing can be tested (p NaN). If every difference is equal: p = 1 when they are all 0, else 0
-    (no spread: the difference is certain), and the CI is that value.
+    differences nothing can be tested (p NaN). If every difference is equal: p = 1 when they are all 0; otherwise
+    the t statistic is undefined (no spread to size it by) and p is NaN (no verdict, left out of Holm): with few
+    cells and a discrete metric (one class's recall over a handful of examples) equal differences are common and
+    are no evidence. The CI is then that value.
     """
     d = np.asarray(diffs, dtype=float)
     d = d[~np.isnan(d)]
@@ -126,7 +128,7 @@ def corrected_t_test(diffs: Sequence[float], n_folds: int, alpha: float = 0.05,
     sd = float(d.std(ddof=1))
     df = n - 1
     if sd == 0.0 or not np.isfinite(sd) or np.all(d == d[0]):
-        p = 1.0 if mean == 0 else 0.0
+        p = 1.0 if mean == 0 else math.nan
         return TTest(n, mean, 0.0, 0.0, df, 0.0 if mean == 0 else math.copysign(math.inf, mean), p, mean, mean)
     se = sd * math.sqrt(1.0 / n + r)
     t = mean / se

@@ -157,3 +157,16 @@ def test_a_requested_stop_ends_the_stage_at_an_epoch_and_the_next_run_resumes(ti
     assert seen == [0]
     rep = learn_representation(cfg, data, progress=False, log_epoch=lambda e, m: seen.append(e))
     assert seen == [0, 1] and rep.computed and len(rep.history) == 2
+
+
+def test_a_stage_checkpoint_it_cannot_read_is_discarded_not_fatal(tiny_mvfouls, tmp_path):
+    from mvfouls_ab.training.representation import representation_dir
+
+    cfg = small_cfg(tiny_mvfouls, tmp_path / "cache")
+    data = load_data(cfg)
+    folder = representation_dir(data, representation_key(cfg, data)[0])
+    folder.mkdir(parents=True)
+    (folder / "stage.pt").write_bytes(b"not a checkpoint")            # damaged, or from another code version
+    with pytest.warns(UserWarning, match="starts over"):
+        rep = learn_representation(cfg, data, progress=False)
+    assert rep.computed and len(rep.history) == 2 and not (folder / "stage.pt").exists()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mvfouls_ab.config import TrainingConfig
-from mvfouls_ab.errors import MVFoulsError
 from mvfouls_ab.data.dataset import load_data
+from mvfouls_ab.errors import MVFoulsError
 from mvfouls_ab.training.stability import STEP_WARMUP, StabilityGuard
 from mvfouls_ab.training.trainer import Trainer, is_oom
 

@@ -67,8 +67,9 @@ def test_corrected_t_matches_the_formula() -> None:
 
 def test_degenerate_inputs() -> None:
     assert corrected_t_test(np.zeros(10), 5).p_value == 1.0
-    const = corrected_t_test(np.full(10, 0.1), 5)
-    assert const.p_value == 0.0 and const.ci_low == const.ci_high == pytest.approx(0.1)
+    const = corrected_t_test(np.full(2, 0.25), 2)   # e.g. one rare class's recall, 2 cells: no evidence
+    assert math.isnan(const.p_value) and const.ci_low == const.ci_high == pytest.approx(0.25)
+    assert verdict(const.mean, holm([const.p_value])[0]) == NO_DIFFERENCE
     assert math.isnan(corrected_t_test([0.3], 5).p_value) and corrected_t_test([], 5).n == 0
     assert corrected_t_test([0.1, np.nan, 0.2, 0.3], 3).n == 3
     with pytest.raises(ValueError, match="2 folds"):

@@ -1,16 +1,18 @@
-"""Data layer: annotations.json -> official labels -> multi-view clips (decoded once, cached). Knows no model."""
-from .annotations import SPLITS, Action, Clip, SplitAnnotations, load_split
-from .dataset import (
-    ClipCache,
-    DataBundle,
-    EpochShuffle,
-    MultiViewDataset,
-    default_cache_dir,
-    load_data,
-    make_loader,
-)
-from .video import SHORT_CLIPS, ClipWindow, decode_clip, write_clip
+"""Data layer: annotations.json -> official labels -> multi-view clips (decoded once, cached). Knows no model.
 
+Names are imported on first use (PEP 562), so torch-free parts (data.folds, data.annotations) load without torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "SPLITS": "annotations", "Action": "annotations", "Clip": "annotations", "SplitAnnotations": "annotations",
+    "load_split": "annotations", "ClipCache": "dataset", "DataBundle": "dataset", "EpochShuffle": "dataset",
+    "MultiViewDataset": "dataset", "default_cache_dir": "dataset", "load_data": "dataset", "make_loader": "dataset",
+    "SHORT_CLIPS": "video", "ClipWindow": "video", "decode_clip": "video", "write_clip": "video",
+}
 __all__ = [
     "SHORT_CLIPS",
     "SPLITS",
@@ -29,3 +31,9 @@ __all__ = [
     "make_loader",
     "write_clip",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -482,8 +482,8 @@ def resolve_frame_size(cfg: Any, data: DataBundle) -> Any:
     clip = next(c for a in data.train.actions for c in a.clips)
     h, w = native_size(clip.path)
     scale = min(1.0, NATIVE_MAX_HEIGHT / h)
-    height = max(2, int(round(h * scale / 2)) * 2)
-    width = max(2, int(round(w * scale / 2)) * 2) if cfg.frame_width == 0 else cfg.frame_width
+    height = max(2, round(h * scale / 2) * 2)
+    width = max(2, round(w * scale / 2) * 2) if cfg.frame_width == 0 else cfg.frame_width
     resolved = cfg.replace(frame_size=height, frame_width=width)
     data.window = ClipWindow.from_config(resolved)
     return resolved

@@ -151,7 +151,7 @@ GAIN_RANGE = (0.7, 1.0)       # per-action clarity: scales every view's zoom by 
 # fast the limb goes in, how high, how far it follows through, how far the victim is knocked and how hard he falls.
 INTENSITY = (0.12, 0.42, 0.70, 0.98)
 INTENSITY_JITTER = 0.07
-CLUTTER = 1.0                 # scales class-independent nuisance: pitch tone, other players, camera drift/shake
+CLUTTER = 1.0                 # scales class-independent nuisance: other players (0: none), pitch tone, camera motion
 # Kits (shirt, shorts, socks). Both teams of every action come from the same list, whatever the class.
 KITS = np.array([
     [(200, 30, 40), (245, 245, 245), (200, 30, 40)],      # red
@@ -575,7 +575,7 @@ def _draw_scene(rng: np.random.Generator, action: int | None, severity: int, gai
     teams = rng.choice(len(KITS), 2, replace=False)
     skins = SKINS[rng.integers(len(SKINS), size=2 + 4)]
     k = float(np.clip(INTENSITY[severity] + rng.uniform(-INTENSITY_JITTER, INTENSITY_JITTER), 0.0, 1.0))
-    n_others = int(rng.integers(2, 5))
+    n_others = round(CLUTTER * int(rng.integers(2, 5)))
     others = np.column_stack([
         rng.uniform(-9, 9, 4) * CLUTTER + rng.choice([-1.0, 1.0], 4) * 2.5,   # never on top of the pair
         rng.uniform(-6, 6, 4) * CLUTTER,

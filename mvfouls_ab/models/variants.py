@@ -26,7 +26,7 @@ from ..config import TrainingConfig
 from ..errors import ConfigError, located
 from ..labels import NUM_CLASSES
 from .aggregation import AttentionPool, ViewAttention, masked_mean
-from .backbones import backbone_from_config, build_backbone, normalize_clips
+from .backbones import backbone_from_config, normalize_clips
 
 HeadBuilder = Callable[[TrainingConfig, int], nn.Module]
 VARIANT_REGISTRY: dict[str, HeadBuilder] = {}

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +47,14 @@ from ..config import TrainingConfig
 from ..data.dataset import DataBundle
 from ..data.folds import holdout_split
 from ..data.video import ClipWindow
+from ..errors import MVFoulsError
 from ..fsutil import atomic_write
 from ..models.backbones import backbone_from_config, normalize_clips
 from ..models.features import data_fingerprint
 from . import checkpoint as ckpt
 from .rebalance import sample_weights
 
-REP_VERSION = "1"       # bump when the stage's training procedure changes (part of the cache key)
+REP_VERSION = "2"       # bump when the stage's training procedure changes (part of the cache key)
 TASKS = ("action", "severity")
 SHIFT = 0.06            # random shift, as a share of the frame size
 BRIGHTNESS = 0.2        # brightness/contrast jitter: x * U(1 - b, 1 + b)
@@ -219,15 +221,20 @@ def _train(cfg: TrainingConfig, data: DataBundle, folder: Path, progress: bool,
     start = 0
     stage = folder / "stage.pt"
     if stage.is_file():
-        state = ckpt.load(stage)
-        backbone.load_state_dict(state["backbone"])
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = json.loads(state["np_rng"])
-        gen.set_state(state["torch_rng"])
-        history, best, start = json.loads(state["history"]), {"score": state["best_score"],
-                                                              "state": state["best_state"]}, state["epoch"]
+        try:
+            state = ckpt.load(stage)
+            backbone.load_state_dict(state["backbone"])
+            heads.load_state_dict(state["heads"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rng.bit_generator.state = json.loads(state["np_rng"])
+            gen.set_state(state["torch_rng"])
+            history, best, start = json.loads(state["history"]), {"score": state["best_score"],
+                                                                  "state": state["best_state"]}, state["epoch"]
+        except (MVFoulsError, RuntimeError, KeyError, ValueError) as exc:   # damaged, or another code version's
+            warnings.warn(f"{stage}: cannot resume the stage ({type(exc).__name__}); it starts over", stacklevel=2)
+            stage.unlink(missing_ok=True)
+            return _train(cfg, data, folder, progress, log_epoch)
     loss_weights = _loss_weights(cfg, fit, y)
     t_frames = window.num_frames
     bar = tqdm(total=cfg.rep_epochs * steps_per_epoch, initial=start * steps_per_epoch, unit="step",
