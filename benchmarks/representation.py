@@ -32,11 +32,36 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure(h: int, w: int, width: int, args: argparse.Namespace) -> tuple[float, float]:
+    """(training samples/s, embedded clips/s) of frame2d at h x w with `width` channels."""
+    net, dim = build_backbone("frame2d", cnn_width=width)
+    head = torch.nn.Linear(dim, 12)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=1e-3)
+    frames = normalize_clips(torch.randint(0, 255, (args.batch * args.views, 3, 1, h, w), dtype=torch.uint8))
+    frames = frames.squeeze(2)
+    clips = normalize_clips(torch.randint(0, 255, (32, 3, args.frames, h, w), dtype=torch.uint8))
+
+    def step() -> None:
+        net.train()
+        emb = net.frames(frames).view(args.batch, args.views, -1).amax(dim=1)
+        loss = head(emb).logsumexp(dim=1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def embed() -> None:
+        net.eval()
+        with torch.inference_mode():
+            net(clips)
+
+    return args.batch / timed(step, args.repeats), 32 / timed(embed, max(2, args.repeats // 2))
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainingConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["112x200", "144x256", "224x400"], help="HEIGHTxWIDTH")
-    p.add_argument("--widths", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--sizes", nargs="+", default=["144x256", "224x398"], help="HEIGHTxWIDTH (native: 224p release 224x398, synthetic 144x256)")
+    p.add_argument("--widths", type=int, nargs="+", default=[16])
     p.add_argument("--batch", type=int, default=defaults.rep_batch_size, help="actions per step")
     p.add_argument("--views", type=int, default=defaults.train_views)
     p.add_argument("--frames", type=int, default=defaults.num_frames, help="frames per clip when embedding")
@@ -52,31 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         h, w = (int(v) for v in size.split("x"))
         for width in args.widths:
-            net, dim = build_backbone("frame2d", cnn_width=width)
-            head = torch.nn.Linear(dim, 12)
-            opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=1e-3)
-            frames = normalize_clips(torch.randint(0, 255, (args.batch * args.views, 3, 1, h, w), dtype=torch.uint8))
-            frames = frames.squeeze(2)
-
-            def step() -> None:
-                net.train()
-                emb = net.frames(frames).view(args.batch, args.views, -1).amax(dim=1)
-                loss = head(emb).logsumexp(dim=1).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            clips = normalize_clips(torch.randint(0, 255, (32, 3, args.frames, h, w), dtype=torch.uint8))
-
-            def embed() -> None:
-                net.eval()
-                with torch.inference_mode():
-                    net(clips)
-
-            per_step = timed(step, args.repeats)
-            per_embed = timed(embed, max(2, args.repeats // 2))
-            sps = args.batch / per_step
-            cps = 32 / per_embed
+            sps, cps = measure(h, w, width, args)
             print(f"{size:>9} {width:>5} {sps:>16.1f} {1000 * args.epochs / sps / 60:>14.1f} "
                   f"{2319 * args.epochs / sps / 60:>16.1f} {cps:>14.1f} {1000 / cps / 60:>20.2f}")
     return 0

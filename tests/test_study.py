@@ -25,7 +25,7 @@ from mvfouls_ab.tracking import normalize_db_url
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = """
 fixed: {num_phases: 3, phase1_epochs: 1, phase2_epochs: 2, phase3_epochs: 1, batch_size: 4, hidden_dim: 32,
-        curriculum: false}
+        curriculum: false, rep_epochs: 3}
 params:
   variant: {type: categorical, choices: [simplified, optimized]}
   phase2_lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
@@ -148,12 +148,12 @@ def test_sqlite_study_tracks_ranks_and_prunes(setup, tmp_path, capsys):
 
 def test_two_workers_share_a_postgres_study(setup, tmp_path, pg_url, mlflow_pg_server):
     cmd = [sys.executable, "-m", "mvfouls_ab.study",
-           *argv(setup, tmp_path, "pg2", pg_url, mlflow_pg_server.url, "--workers", "2", trials=4)]
+           *argv(setup, tmp_path, "pg2", pg_url, mlflow_pg_server.url, "--workers", "2", trials=6)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="pg2", storage=normalize_db_url(pg_url))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) >= 4
+    assert len(done) >= 6
     assert len({t.user_attrs["worker"] for t in done}) == 2      # both processes ran trials
     client = MlflowClient(mlflow_pg_server.url)
     parents, kids = children(client, "pg2")

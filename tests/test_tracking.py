@@ -172,7 +172,7 @@ def test_statuses_on_postgres_backend(mlflow_pg_server, tmp_path):
     killed.end("KILLED")
     run_f, run_k = client.get_run(failed.run_id), client.get_run(killed.run_id)
     assert run_f.info.status == "FAILED" and run_f.data.tags["error"] == "RuntimeError: loss is NaN"
-    assert len(run_f.data.metrics) >= 100
+    assert len(run_f.data.metrics) >= 50      # one epoch's scalars (confusion cells go to a table, not metrics)
     assert run_k.info.status == "KILLED" and run_k.data.tags["pruned"] == "true"
 
 

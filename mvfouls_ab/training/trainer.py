@@ -99,6 +99,7 @@ class Trainer:
         # before every evaluation batch (a test raises torch.OutOfMemoryError there).
         self.step_hook: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None
         self.eval_hook: Callable[[dict[str, Any]], None] | None = None
+        self.eval_batch = EVAL_FEATURES            # evaluation batch; halved (and kept) on out-of-memory
 
     # =====================================================================================================
     def run(self) -> RunResult:
@@ -345,7 +346,7 @@ class Trainer:
                  ) -> tuple[dict[str, np.ndarray], float]:
         """All views; logits per task as numpy, and the plain (unweighted) CE of both tasks on labelled samples."""
         model = model or self.model
-        start = self.guard.batch_size if self.trains_backbone else EVAL_FEATURES
+        start = min(self.eval_batch, self.guard.batch_size if self.trains_backbone else EVAL_FEATURES)
 
         def once(bs: int, dev: torch.device) -> dict[str, torch.Tensor]:   # out of memory: half the batch, then CPU
             model.to(dev).eval()
@@ -358,6 +359,7 @@ class Trainer:
                         o = forward(model)
                     for t in TASKS:
                         outs[t].append(o[t].float().cpu())
+                self.eval_batch = bs                 # what fits: later passes start there
                 return {t: torch.cat(outs[t]) for t in TASKS}
             finally:
                 model.to(self.device)
