@@ -26,13 +26,14 @@ import sys
 from pathlib import Path
 
 from . import abtest
+from .cli import HelpFormatter
 from .config import PROFILES
 from .errors import MVFoulsError
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.ab", description=__doc__.split("\n\n")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 formatter_class=HelpFormatter,
                                  epilog="Verdicts for a CSV of cells from anywhere: python -m mvfouls_ab.ab analyze "
                                         "--help")
     ap.add_argument("--experiment", required=True, help="experiments/ab_NAME.yaml")
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_analyze_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.ab analyze", description=__doc__.split("\n\n")[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--cells", required=True, type=Path, help="long CSV: arm,seed,fold,metric,value")
     ap.add_argument("--control", required=True, help="the control arm A (every other arm is a B)")
     ap.add_argument("--folds", type=int, default=None,

@@ -34,6 +34,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from mvfouls_ab import labels
 from mvfouls_ab.errors import AnnotationError, MVFoulsError, located
 
+from .cli import HelpFormatter
+
 METRIC_KEYS: tuple[str, ...] = (
     "accuracy_offence_severity", "accuracy_action",
     "balanced_accuracy_offence_severity", "balanced_accuracy_action", "leaderboard_value",
@@ -303,7 +305,7 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mvfouls_ab.evaluate",
+        prog="python -m mvfouls_ab.evaluate", formatter_class=HelpFormatter,
         description="Official SoccerNet MVFouls metric (same numbers as the SoccerNet evaluator) with per-class "
                     "recall, precision, F1 and confusion matrices.")
     parser.add_argument("--annotations", required=True, help="ground-truth annotations.json of a split")

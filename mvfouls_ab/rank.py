@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 from . import ranking
+from .cli import HelpFormatter
 from .errors import MVFoulsError, StudyError, located
 from .study import DEFAULT_STORAGE, make_storage
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mvfouls_ab.rank", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m mvfouls_ab.rank", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--study", required=True, help="Optuna study name")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
     p.add_argument("--out", default=None, help="folder for leaderboard.csv (default: the study's output folder)")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import abtest, ranking, stats
+from .cli import HelpFormatter
 from .errors import MVFoulsError, StudyError, located
 from .labels import CLASS_SLUGS, TASKS
 
@@ -504,7 +505,8 @@ def write_study_report(name: str, storage: str, out: Path | str, tracking_uri: s
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mvfouls_ab.report", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", help="A/B experiment name (or its experiments/ab_NAME.yaml)")
     which.add_argument("--study", help="Optuna HPO study name")

@@ -9,12 +9,14 @@ import json
 import sys
 import time
 
+from .cli import HelpFormatter
 from .data.synthetic import DEFAULT_SCALE, DEFAULT_SEED, MIN_PER_CLASS, generate
 from .errors import MVFoulsError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvfouls_ab.synth", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mvfouls_ab.synth", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                         help=f"fraction of the real data set's size (default {DEFAULT_SCALE}; 1.0 = real counts)")
