@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from mvfouls_ab import labels
 from mvfouls_ab.errors import AnnotationError, MVFoulsError, located
 
 from .cli import HelpFormatter
+from .fsutil import atomic_write
 
 METRIC_KEYS: tuple[str, ...] = (
     "accuracy_offence_severity", "accuracy_action",
@@ -257,20 +256,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write_json_atomic(path: Path | str, content: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(_json_safe(content), handle, indent=1, allow_nan=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """JSON (NaN refused), replaced at once and flushed to the disk (fsutil.atomic_write)."""
+    return atomic_write(path, json.dumps(_json_safe(content), indent=1, allow_nan=False) + "\n", fsync=True)
 
 
 def write_predictions(path: Path | str, action_ids: Sequence[str], action_pred: Sequence[int],

@@ -326,10 +326,6 @@ def learned_representation(cfg: TrainingConfig, data: DataBundle) -> Representat
                           float(info.get("seconds", 0.0)), False)
 
 
-def learned_config(cfg: TrainingConfig, rep: Representation) -> TrainingConfig:
-    """The config whose frozen features are the learned backbone's (weights = its state-dict file)."""
-    return cfg.replace(weights=str(rep.weights))
-
 
 def log_representation_run(rep: Representation, tracking_uri: str, experiment: str,
                            parent_run_id: str | None = None) -> str:

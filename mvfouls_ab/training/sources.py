@@ -17,7 +17,7 @@ per training batch and forward thunks for evaluation: the loop never asks which 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,6 @@ def build_sources(cfg: TrainingConfig, data: DataBundle, progress: bool = True,
     assert train is not None
     fit, held = holdout_split(train.targets["action"], train.targets["severity"], cfg.rep_holdout)
     out["train"], out["holdout"] = train.subset(fit), (train.subset(held) if len(held) else None)
-    out["train"] = replace(out["train"], name="train")
     norm = None
     if isinstance(out["train"], FeatureSource):     # standardize each dimension with the fit part's statistics
         views = out["train"].feats[out["train"].mask]
