@@ -81,6 +81,17 @@ def tiny_mvfouls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny_mvfouls"))
 
 
+@pytest.fixture(scope="session")
+def r2plus1d_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dict of a randomly initialised torchvision r2plus1d_18 (classifier included), as a local file."""
+    from torchvision.models import video as tv_video
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("weights") / "r2plus1d_18.pth"
+    torch.save(tv_video.r2plus1d_18(weights=None).state_dict(), path)
+    return path
+
+
 # The native tracking stack (tracking/stack.py), shared by tests/test_stack.py and tests/test_notebooks.py.
 from native_stack import native_stack  # noqa: F401
 

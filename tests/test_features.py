@@ -8,7 +8,6 @@ from typing import Self
 import numpy as np
 import pytest
 import torch
-from torchvision.models import video as tv_video
 
 from mvfouls_ab.config import PROFILES, TrainingConfig
 from mvfouls_ab.data.annotations import load_split
@@ -112,15 +111,6 @@ def test_key_follows_resize_and_default_weights(tiny_mvfouls: Path, tmp_path: Pa
     # DEFAULT is keyed by the torchvision weights it names (no download needed to compute the key)
     _, parts = feature_key(cfg.replace(backbone="r2plus1d_18", weights="DEFAULT"), valid)
     assert parts["weights"] == "DEFAULT:R2Plus1D_18_Weights.KINETICS400_V1"
-
-
-@pytest.fixture(scope="module")
-def r2plus1d_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state dict of a randomly initialised torchvision r2plus1d_18 (classifier included), as a local file."""
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("weights") / "r2plus1d_18.pth"
-    torch.save(tv_video.r2plus1d_18(weights=None).state_dict(), path)
-    return path
 
 
 def test_pretrained_features_from_a_weights_file(tiny_mvfouls: Path, tmp_path: Path, r2plus1d_weights: Path) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.models import video as tv_video
 
 from mvfouls_ab import ab, study, train
 from mvfouls_ab.config import PROFILES, TrainingConfig
@@ -24,15 +23,6 @@ TINY = {"num_frames": 4, "frame_size": 32, "phase1_epochs": 1, "phase2_epochs": 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def r2plus1d_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """torch.save(state_dict) of a randomly initialised torchvision r2plus1d_18, classifier included."""
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("weights") / "r2plus1d_18.pth"
-    torch.save(tv_video.r2plus1d_18(weights=None).state_dict(), path)
-    return path
 
 
 def test_every_cli_offers_every_profile() -> None:
@@ -106,10 +96,10 @@ def check_run(result, data: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pretrained_profile_end_to_end(tiny_mvfouls: Path, tmp_path: Path, r2plus1d_file: Path) -> None:
+def test_pretrained_profile_end_to_end(tiny_mvfouls: Path, tmp_path: Path, r2plus1d_weights: Path) -> None:
     """--profile pretrained with a local weights file: features extracted once (frozen r2plus1d_18, centre crop),
     cached, then the three phases train the head only."""
-    _, result = run_profile("pretrained", tiny_mvfouls, tmp_path, weights=str(r2plus1d_file))
+    _, result = run_profile("pretrained", tiny_mvfouls, tmp_path, weights=str(r2plus1d_weights))
     check_run(result, tiny_mvfouls)
     assert result.parameters["trainable"] == result.parameters["head"] < result.parameters["backbone"]
     features = sorted((tmp_path / "cache" / "features").glob("r2plus1d_18-*/*.npz"))
@@ -119,15 +109,15 @@ def test_pretrained_profile_end_to_end(tiny_mvfouls: Path, tmp_path: Path, r2plu
 
 
 @pytest.mark.slow
-def test_gpu_profile_fine_tunes_end_to_end_on_cpu(tiny_mvfouls: Path, tmp_path: Path, r2plus1d_file: Path) -> None:
+def test_gpu_profile_fine_tunes_end_to_end_on_cpu(tiny_mvfouls: Path, tmp_path: Path, r2plus1d_weights: Path) -> None:
     """--profile gpu's path (end to end, backbone at its LR multiplier) on CPU with a local weights file."""
-    _, result = run_profile("gpu", tiny_mvfouls, tmp_path, weights=str(r2plus1d_file), device="cpu", amp=False,
+    _, result = run_profile("gpu", tiny_mvfouls, tmp_path, weights=str(r2plus1d_weights), device="cpu", amp=False,
                               pin_memory=False, grad_accum=1)
     check_run(result, tiny_mvfouls)
     assert result.parameters["trainable"] == result.parameters["backbone"] + result.parameters["head"]
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
     model = state.get("model", state)
-    before = torch.load(r2plus1d_file, weights_only=True)
+    before = torch.load(r2plus1d_weights, weights_only=True)
     changed = [k for k, v in before.items() if f"backbone.net.{k}" in model and v.is_floating_point()
                and not torch.equal(model[f"backbone.net.{k}"].float(), v)]
     assert changed, "the backbone did not train"
