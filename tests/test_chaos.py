@@ -36,5 +36,7 @@ def test_chaos_run_loses_nothing(tiny_mvfouls, tmp_path):
     assert c["lost"] == 0 and c["mlflow_running"] == 0, c
     assert c["epochs_missing"] == 0 and c["epochs_duplicated"] == 0, c["trials"]
     assert c["failed_attempts"] >= 2                             # the killed and the stopped trial were retried
+    # the two failed attempts are two trials, or one trial twice (worker 2 may already be running the killed trial's
+    # retry when it is stopped): either way a finished retry holds every epoch
     retried = [t for t in c["trials"].values() if t["retry_of"] is not None]
-    assert len(retried) >= 2 and all(t["epochs"] == 4 for t in retried)
+    assert retried and all(t["epochs"] == 4 for t in c["trials"].values()), c["trials"]

@@ -89,6 +89,17 @@ def test_study_ends_with_the_requested_finished_trials(native_stack, study):
             t.system_attrs.get("retry_history")
 
 
+def worker_logs(stack) -> str:
+    return "".join(Path(s["log"]).read_text(errors="replace") for s in stack.state["services"]
+                   if s["name"].startswith("worker"))
+
+
+def resumed_after(stack, run_dir: str) -> int | None:
+    """Epochs the retry of the trial in run_dir resumed after, as the worker that took it printed (None: no resume)."""
+    found = re.findall(rf"resumed from {re.escape(run_dir)}\S* after (\d+) epochs", worker_logs(stack))
+    return int(found[0]) if found else None
+
+
 def test_killed_trial_resumed_from_its_checkpoint(native_stack, study, experiment_id):
     from optuna.trial import TrialState
 
@@ -103,10 +114,8 @@ def test_killed_trial_resumed_from_its_checkpoint(native_stack, study, experimen
     assert retry.user_attrs["mlflow_run_id"] == killed.user_attrs["mlflow_run_id"]
     # it continued after the checkpointed epochs instead of starting over at epoch 0
     # (the retry inherits the killed trial's intermediate values, so the resume is read from the workers' logs)
-    logs = "".join(Path(s["log"]).read_text(errors="replace") for s in native_stack.state["services"]
-                   if s["name"].startswith("worker"))
-    resumed = re.findall(rf"resumed from {re.escape(retry.user_attrs['run_dir'])}\S* after (\d+) epochs", logs)
-    assert resumed and int(resumed[0]) >= native_stack.killed_after >= 1, logs[-2000:]
+    resumed = resumed_after(native_stack, retry.user_attrs["run_dir"])
+    assert resumed is not None and resumed >= native_stack.killed_after >= 1, worker_logs(native_stack)[-2000:]
     assert max(retry.intermediate_values) == native_stack.epochs_per_trial - 1
     run = mlflow_api(native_stack, "GET", "runs/get", params={"run_id": retry.user_attrs["mlflow_run_id"]})["run"]
     assert run["info"]["status"] == "FINISHED"
@@ -144,8 +153,10 @@ def test_mlflow_lists_nested_trial_runs_with_step_metrics_and_confusion_matrices
                             params={"run_id": run["info"]["run_id"], "path": "confusion"})["files"]
         names = {Path(f["path"]).name for f in listed}
         # a retried trial's run holds the epochs run after the resume for sure (what the killed worker had not
-        # sent yet died with it); every other run holds all of them
-        first = native_stack.killed_after if t.system_attrs.get("retry_history") else 0
+        # sent yet died with it: it may have checkpointed one more epoch than its log showed when it was killed);
+        # every other run holds all of them
+        retried = t.system_attrs.get("retry_history")
+        first = (resumed_after(native_stack, t.user_attrs["run_dir"]) or 0) if retried else 0
         expected = {f"epoch_{step:03d}.json" for step in range(first, native_stack.epochs_per_trial)}
         assert expected | {"best.html"} <= names, names
         r = requests.get(f"{native_stack.tracking_uri}/get-artifact", timeout=30, auth=native_stack.auth,
