@@ -118,11 +118,12 @@ def main() -> None:
         measure(f"data set {args.data}", clips_of(args.data, args.split, args.clips), window, args.repeats)
     if not args.no_synthetic:
         try:
+            from mvfouls_ab.data.paths import default_cache_dir
             from mvfouls_ab.data.synthetic import default_data_root
         except ImportError:
             print("\n(synthetic generator not available: skipped)")
         else:
-            root = default_data_root()
+            root = default_data_root(default_cache_dir())
             measure(f"synthetic default data set {root}", clips_of(root, args.split, args.clips), window,
                     args.repeats)
     if not args.no_real_size:

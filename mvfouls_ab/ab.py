@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from . import abtest
 from .cli import HelpFormatter
 from .config import PROFILES
 from .errors import MVFoulsError
+from .orchestration import workers
+from .orchestration.storage import DEFAULT_STORAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--experiment", required=True, help="experiments/ab_NAME.yaml")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the YAML's, else 5)")
     ap.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: the YAML's, else 5)")
-    ap.add_argument("--storage", default=abtest.DEFAULT_STORAGE,
-                    help=f"Optuna RDB storage holding the cells (default {abtest.DEFAULT_STORAGE})")
+    ap.add_argument("--storage", default=DEFAULT_STORAGE,
+                    help=f"Optuna RDB storage holding the cells (default {DEFAULT_STORAGE})")
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/ab/NAME)")
@@ -136,15 +137,13 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.workers > 1:
         # N independent workers on the same storage; each claims cells until none is waiting.
-        cmd = [sys.executable, "-m", "mvfouls_ab.ab", *_without(argv, ("--workers", "--threads")),
-               "--worker-only", "--threads", str(threads)]
+        worker_argv = [*_without(argv, ("--workers", "--threads")), "--worker-only", "--threads", str(threads)]
         abtest.CellStore(exp, args.storage).prepare()   # enqueue once, before the workers race
         if tracking_uri:
             from .tracking import init_store
 
             init_store(tracking_uri)                       # and create MLflow's tables once, too
-        procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
-        codes = [p.wait() for p in procs]
+        codes = workers.wait_all(workers.start_workers("mvfouls_ab.ab", [worker_argv] * args.workers))
         if any(codes):
             print(f"[ab] worker exit codes: {codes}", file=sys.stderr)
     else:

@@ -47,7 +47,6 @@ verdict table and the report go to the parent run.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -59,7 +58,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,12 +71,12 @@ from . import stats
 from .config import PROFILES, TrainingConfig, coerce, load_config
 from .data.folds import fold_assignment, stratification_labels  # noqa: F401 - stratification_labels re-exported
 from .errors import AnalysisError, ConfigError, StudyError, located
+from .fsutil import atomic_path, atomic_write, jsonable
 from .labels import CLASS_SLUGS, TASKS
-from .urls import redact, redact_text
+from .orchestration.storage import DEFAULT_STORAGE, open_storage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 SCORED = "heldout"                       # metric prefix of the held-out fold's scores
 PRIMARY_METRIC = f"{SCORED}/leaderboard"
 EFFICIENCY_METRICS = ("system/wall_s", "system/peak_rss_mb", "system/cuda_max_mb")
@@ -227,6 +225,10 @@ def load_experiment(path: str | Path, seeds: int | None = None, folds: int | Non
     Each arm's config: hardware profile -> base_config file -> base -> the arm's `config:` file -> the arm's keys
     -> epoch_scale -> `overrides` (CLI --set, the last word).
     """
+    from .training.registry import (
+        check_registered,  # torch: the registries' modules (`ab analyze` stays torch-free)
+    )
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(located(p, "experiment file not found",
@@ -277,7 +279,7 @@ def load_experiment(path: str | Path, seeds: int | None = None, folds: int | Non
                 arm_file = p.parent.parent / arm_file
             values.update({k: v for k, v in load_config(arm_file).flat().items() if k in _keys_of(arm_file)})
         values.update({k: coerce(k, v, f"{p} arm {arm_name}") for k, v in over.items()})
-        base.replace(**values)  # validates the combination
+        check_registered(base.replace(**values))  # validates the combination (the registries' names too)
         if not str(arm_name).replace("_", "").replace("-", "").isalnum():
             raise ConfigError(located(p, f"arm name {arm_name!r} has odd characters", "use letters, digits, _ and -"))
         arms.append(Arm(str(arm_name), values, int(extra.get("seed_offset", 0)), str(extra.get("description", ""))))
@@ -311,10 +313,7 @@ def _fold_split(name: str, actions: list, sources: list[str], path: Path, root: 
            "Actions": {a.action_id: {**a.raw, "Clips": [
                {"Url": c.url, "Camera type": c.camera_type, "Timestamp": c.timestamp, "Replay speed": c.replay_speed}
                for c in a.clips]} for a in renumbered}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=1))
     extra = {k: v for k, v in doc.items() if k != "Actions"}
     return SplitAnnotations(name, root, renumbered, {}, len(renumbered), path, extra)
 
@@ -382,35 +381,12 @@ def prefill_fold_features(cfg: TrainingConfig, data: Any, fold_data: Any) -> Non
         sources = [split.extra["Source"][a.action_id].split("/", 1) for a in split.actions]
         feats = np.stack([pooled[s].feats[index[s][aid]].numpy() for s, aid in sources])
         mask = np.stack([pooled[s].view_mask[index[s][aid]].numpy() for s, aid in sources])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, feats=feats, view_mask=mask,
-                 action_ids=np.array([a.action_id for a in split.actions], dtype=str))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, feats=feats, view_mask=mask,
+                     action_ids=np.array([a.action_id for a in split.actions], dtype=str))
 
 
 # ---- the cell store (Optuna RDB storage) --------------------------------------------------------------------
-def open_storage(url: str):
-    """An Optuna RDBStorage with heartbeats (dead workers' cells are detected and rerun)."""
-    import optuna
-
-    if not isinstance(url, str) or "://" not in url:
-        raise StudyError(located("--storage", f"{url!r} is not a database URL",
-                                 "use sqlite:///optuna.db or postgresql://user@host/db"))
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    # heartbeats are "experimental" in Optuna's sense since 2.9; say it once in the docs, not on every call
-    warnings.filterwarnings("ignore", message=".*(heartbeat|fail_stale_trials).*",
-                            category=optuna.exceptions.ExperimentalWarning)
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean the same to the user
-        raise StudyError(located("--storage", f"cannot open {redact(url)!r} ({type(exc).__name__}: "
-                                 f"{redact_text(str(exc), [url])})",
-                                 "check that the database server runs and the URL is right")) from None
-
-
 class _Heartbeat:
     def __init__(self, storage: Any, trial_id: int) -> None:
         self.storage, self.trial_id = storage, trial_id
@@ -442,7 +418,7 @@ class CellStore:
         import optuna
 
         self.experiment = experiment
-        self.storage = open_storage(storage_url)
+        self.storage = open_storage(storage_url, HEARTBEAT_S, GRACE_S)   # a stale cell's trial FAILs; rerun
         self.study = optuna.create_study(study_name=experiment.study_name, storage=self.storage,
                                          direction="maximize", load_if_exists=True)
         self.study_id = self.storage.get_study_id_from_name(experiment.study_name)
@@ -536,7 +512,7 @@ class CellStore:
 # ---- MLflow parent and arm runs -----------------------------------------------------------------------------
 def ensure_parent_runs(store: CellStore, tracking_uri: str) -> dict[str, str]:
     """Create (once) the experiment's parent run and one nested run per arm; ids kept in the study."""
-    from .tracking import get_or_create_experiment, make_client
+    from .tracking import claim_run, get_or_create_experiment, make_client
 
     exp = store.experiment
     runs = dict(store.get_attr("mlflow_runs") or {})
@@ -545,11 +521,15 @@ def ensure_parent_runs(store: CellStore, tracking_uri: str) -> dict[str, str]:
     client = make_client(tracking_uri)
     exp_id = get_or_create_experiment(client, exp.study_name)
     scope = hashlib.sha1(tracking_uri.encode()).hexdigest()[:10]
+
+    def discard(loser: str) -> None:          # a racing worker claimed first: no orphaned run left RUNNING
+        client.set_terminated(loser, status="KILLED")
+        client.delete_run(loser)
     if runs.get("_tracking_uri") != tracking_uri or "_parent" not in runs:
         mine = client.create_run(exp_id, run_name=exp.study_name,
                                  tags={"ab_experiment": exp.name, "ab_level": "experiment",
                                        "mlflow.note.content": exp.description}).info.run_id
-        winner = claim_run(store, f"mlflow_claim:{scope}:_parent", mine, client)
+        winner = claim_run(store.study, f"mlflow_claim:{scope}:_parent", mine, discard)
         if winner == mine:
             client.log_dict(mine, exp.to_dict(), "experiment.json")
         runs = {"_tracking_uri": tracking_uri, "_parent": winner}
@@ -560,29 +540,13 @@ def ensure_parent_runs(store: CellStore, tracking_uri: str) -> dict[str, str]:
                                            "ab_level": "arm", "ab_arm": arm.name,
                                            "ab_role": "control" if arm.name == exp.control else "treatment"}
                                      ).info.run_id
-            winner = claim_run(store, f"mlflow_claim:{scope}:{runs['_parent']}:{arm.name}", mine, client)
+            winner = claim_run(store.study, f"mlflow_claim:{scope}:{runs['_parent']}:{arm.name}", mine, discard)
             if winner == mine:
                 client.log_dict(mine, {"overrides": arm.overrides, "seed_offset": arm.seed_offset,
                                        "config": exp.config(arm.name, 0).flat()}, "arm.json")
             runs[arm.name] = winner
     store.set_attr("mlflow_runs", runs)
     return runs
-
-
-def claim_run(store: CellStore, key: str, run_id: str, client: Any, settle_s: float = 0.5) -> str:
-    """The claim protocol the study uses for its parent run (study.claim_parent_run): workers that create the same
-    run at the same time each claim it under one study attribute, written only when absent (Optuna's storage
-    inserts an attribute once); after ``settle_s`` every worker reads back the same winner. A loser deletes the
-    run it made, so no orphaned run is left RUNNING."""
-    if key not in store.study.user_attrs:
-        store.set_attr(key, run_id)
-        time.sleep(settle_s)
-    winner = store.study.user_attrs[key]
-    if winner != run_id:
-        with contextlib.suppress(Exception):     # best effort: the run is unused either way
-            client.set_terminated(run_id, status="KILLED")
-            client.delete_run(run_id)
-    return winner
 
 
 # ---- one cell -----------------------------------------------------------------------------------------------
@@ -787,7 +751,7 @@ def run_cell(experiment: Experiment, cell: Cell, data: Any, out: Path, tracking_
             tracker.log_params(cfg.flat())
         run_id = tracker.wait_run_id(30)
         if run_id:
-            id_file.write_text(run_id)
+            atomic_write(id_file, run_id)
         sink = MLflowSink(tracker)
         sinks.append(sink)
     try:
@@ -1052,11 +1016,7 @@ def verdict_frame(comparisons: Sequence[stats.MetricComparison]):
 
 def verdict_records(frame) -> list[dict[str, Any]]:
     """verdicts.json: one object per (arm, metric); NaN and infinite numbers become null (strict JSON)."""
-    out = []
-    for row in frame.to_dict(orient="records"):
-        out.append({k: (None if isinstance(v, float) and not math.isfinite(v) else
-                        (v.item() if isinstance(v, np.generic) else v)) for k, v in row.items()})
-    return out
+    return [jsonable(row, finite=True) for row in frame.to_dict(orient="records")]
 
 
 def write_verdicts(out: Path | str, frame) -> dict[str, Path]:
@@ -1064,7 +1024,7 @@ def write_verdicts(out: Path | str, frame) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "verdicts.json", "verdicts": out / "verdicts.csv"}
-    paths["json"].write_text(json.dumps(verdict_records(frame), indent=1))
+    atomic_write(paths["json"], json.dumps(verdict_records(frame), indent=1))
     frame.to_csv(paths["verdicts"], index=False)
     return paths
 
@@ -1117,8 +1077,8 @@ def write_results(experiment: Experiment, out: Path | str, table, frame, summary
     cells_long(table).to_csv(paths["cells"], index=False)
     table.to_csv(paths["cells_wide"], index=False)
     summary.to_csv(paths["arms"], index=False)
-    paths["experiment"].write_text(json.dumps({"experiment": experiment.to_dict(), "metrics": verdict_metrics(),
-                                               "quality_metrics": quality_metrics(), "folds": experiment.folds,
-                                               "test": stats.TEST_NAME}, indent=1))
+    atomic_write(paths["experiment"], json.dumps({"experiment": experiment.to_dict(), "metrics": verdict_metrics(),
+                                                 "quality_metrics": quality_metrics(), "folds": experiment.folds,
+                                                 "test": stats.TEST_NAME}, indent=1))
     paths.update(write_verdicts(out, frame))
     return paths

@@ -15,13 +15,10 @@ import yaml
 
 from .errors import ConfigError, located
 
-VARIANTS = ("baseline", "simplified", "progressive", "optimized")
-BACKBONES = ("frame2d", "small3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v2_s")
 FEATURE_MODES = ("frozen", "learned", "end_to_end")
 RESIZE_MODES = ("squash", "crop")
 REP_RECIPES = ("plain", "sqrt", "balanced", "inverse_weights")
 SAMPLERS = ("none", "balanced", "sqrt", "progressive")
-LOSSES = ("ce", "weighted_ce", "focal", "logit_adjusted", "balanced_softmax", "ldam")
 PACINGS = ("linear", "root", "step")
 DIFFICULTY_SCORES = ("loss", "margin")
 
@@ -140,11 +137,11 @@ class TrainingConfig:
 
     # ----------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        # variant, fallback_variant, backbone and loss name registered things: registries.check_registered
         checks = {
-            "variant": VARIANTS, "backbone": BACKBONES, "feature_mode": FEATURE_MODES, "loss": LOSSES,
-            "curriculum_pacing": PACINGS, "curriculum_score": DIFFICULTY_SCORES,
+            "feature_mode": FEATURE_MODES, "curriculum_pacing": PACINGS, "curriculum_score": DIFFICULTY_SCORES,
             "sampler_phase1": SAMPLERS, "sampler_phase2": SAMPLERS, "sampler_phase3": SAMPLERS,
-            "fallback_variant": VARIANTS, "scheduler": ("cosine", "step", "none"), "resize": RESIZE_MODES,
+            "scheduler": ("cosine", "step", "none"), "resize": RESIZE_MODES,
             "rep_recipe": REP_RECIPES, "feature_precision": ("auto", "fp32", "bf16"),
         }
         for name, allowed in checks.items():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ from mvfouls_ab import labels
 from mvfouls_ab.errors import AnnotationError, MVFoulsError, located
 
 from .cli import HelpFormatter
-from .fsutil import atomic_write
+from .fsutil import atomic_write, jsonable
 
 METRIC_KEYS: tuple[str, ...] = (
     "accuracy_offence_severity", "accuracy_action",
@@ -244,20 +243,9 @@ def predictions_from_logits(action_ids: Sequence[str], action_logits: Any, sever
     return _prediction_dict(action_ids, action_logits.argmax(axis=1), severity_logits.argmax(axis=1), set_name)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN -> null, so files stay strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _write_json_atomic(path: Path | str, content: Any) -> Path:
     """JSON (NaN refused), replaced at once and flushed to the disk (fsutil.atomic_write)."""
-    return atomic_write(path, json.dumps(_json_safe(content), indent=1, allow_nan=False) + "\n", fsync=True)
+    return atomic_write(path, json.dumps(jsonable(content, finite=True), indent=1, allow_nan=False) + "\n", fsync=True)
 
 
 def write_predictions(path: Path | str, action_ids: Sequence[str], action_pred: Sequence[int],

@@ -12,18 +12,54 @@ the folder and leaves it untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from .errors import MVFoulsError, located
 
 RUN_MARKER = ".mvfouls_run"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, *, mode: int | None = None) -> Iterator[Path]:
+    """A uniquely named temporary path next to ``path`` for a writer that needs a file name (an encoder, np.save
+    with a suffix); moved onto ``path`` when the block ends without an error, removed otherwise.
+
+    ``mode``: permission bits of the new file (e.g. 0o600 for files holding secrets), set before it is visible;
+    by default those of a file made with open() (0o666 less the umask), not mkstemp's 0o600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode is None:
+        mode = 0o666 & ~_UMASK
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, mode)
+        os.close(fd)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+_UMASK = _read_umask()      # read once, at import: os.umask is process-wide, not thread-safe
 
 
 def atomic_write(path: Path | str, data: str | bytes | Callable[[IO[bytes]], Any], *, fsync: bool = False,
@@ -33,30 +69,45 @@ def atomic_write(path: Path | str, data: str | bytes | Callable[[IO[bytes]], Any
     ``fsync``: also flush to the disk before the rename (survives a power cut, not only a killed process).
     ``mode``: permission bits of the new file (e.g. 0o600 for files holding secrets), set before it is visible.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
 
 
-def atomic_write_jsonl(path: Path | str, rows: list[Any], default: Callable[[Any], Any] | None = str) -> Path:
+def atomic_write_jsonl(path: Path | str, rows: list[Any], default: Callable[[Any], Any] | None = None) -> Path:
     """One JSON document per line, the whole file replaced at once (appends are not atomic for readers)."""
-    return atomic_write(path, "".join(json.dumps(r, default=default) + "\n" for r in rows))
+    return atomic_write(path, "".join(json.dumps(r, default=default or json_default) + "\n" for r in rows))
+
+
+def jsonable(value: Any, finite: bool = False) -> Any:
+    """``value`` as plain JSON types, the one normaliser: numpy scalars and arrays, tuples, Paths and mappings
+    (keys as strings) become their JSON equivalents, recursively. ``finite``: NaN and infinities become None (strict
+    JSON). Anything else is returned as is."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, finite) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, finite) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist(), finite)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if finite and isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: :func:`jsonable`, and ``str()`` of anything it leaves as is."""
+    plain = jsonable(value)
+    return str(value) if plain is value else plain
 
 
 # ---- run folders --------------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from .fsutil import jsonable
 from .labels import CLASS_SLUGS, NUM_CLASSES, TASKS
+from .targets import CLASS_RECALL_TARGET  # a class under this recall counts in `classes_below_target`
 
-# The design's per-class target: a class under this recall counts in `classes_below_target`.
-CLASS_RECALL_TARGET = 0.25
 # Learning-curve series kept in every record (history so far, current epoch last).
 CURVE_KEYS: tuple[str, ...] = (
     "train_loss", "val_loss", "action_macro_recall", "severity_macro_recall",
@@ -149,7 +149,7 @@ class DetailedMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (numpy arrays -> nested lists, numpy scalars -> Python numbers)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def to_json(self) -> str:
         """One JSON line (non-finite floats are written as NaN/Infinity, which Python's json reads back)."""
@@ -166,18 +166,6 @@ class DetailedMetrics:
     @classmethod
     def from_json(cls, text: str | bytes | Mapping[str, Any]) -> DetailedMetrics:
         return cls.from_dict(text if isinstance(text, Mapping) else json.loads(text))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def compute_task_metrics(task: str, y_true: Sequence[int] | np.ndarray,
@@ -236,9 +224,9 @@ def cuda_max_mb() -> float | None:
 
 def _event_dict(event: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(event) and not isinstance(event, type):
-        return _plain(dataclasses.asdict(event))
+        return jsonable(dataclasses.asdict(event))
     if isinstance(event, Mapping):
-        return _plain(dict(event))
+        return jsonable(dict(event))
     raise TypeError(f"a stability event must be a dataclass or a mapping, got {type(event).__name__}")
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MVFoulsError, located
+from .fsutil import atomic_write, json_default
 from .labels import ACTION_CLASSES, SEVERITY_CLASSES, SEVERITY_PREDICTION_STRINGS, TASKS
 
 PACK_VERSION = 1
@@ -173,8 +174,8 @@ def build_pack(spec: PackSpec, dest: Path) -> Path:
         "severity_prediction_strings": [list(s) for s in SEVERITY_PREDICTION_STRINGS],
         "video": spec.video, "source": spec.source,
     }
-    (dest / "pack.json").write_text(json.dumps(meta, indent=1, default=str))
-    (dest / "config.yaml").write_text(yaml.safe_dump(cfg.flat(), sort_keys=False))
+    atomic_write(dest / "pack.json", json.dumps(meta, indent=1, default=json_default))
+    atomic_write(dest / "config.yaml", yaml.safe_dump(cfg.flat(), sort_keys=False))
     return dest
 
 
@@ -385,7 +386,7 @@ class ModelPack:
     def _members(self, device: Any) -> list[Any]:
         import torch
 
-        from .models.variants import build_model, set_complexity
+        from .models.variants import build_model, has_levels, set_complexity
 
         models = []
         end_to_end = self.cfg.feature_mode == "end_to_end"
@@ -393,7 +394,7 @@ class ModelPack:
             saved = torch.load(self.root / m["file"], map_location="cpu", weights_only=True)
             cfg = self.cfg.replace(variant=m["variant"], complexity_level=int(m["complexity"]), weights="none")
             model = build_model(cfg)
-            if m["variant"] == "progressive":
+            if has_levels(model):
                 set_complexity(model, int(m["complexity"]))
             missing, unexpected = model.load_state_dict(saved["model"], strict=False)
             missing = [k for k in missing if end_to_end or not k.startswith("backbone.")]

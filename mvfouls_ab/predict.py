@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MVFoulsError, located
+from .fsutil import atomic_path
 from .modelpack import LOCAL_MODEL_DIR, ModelPackError
 
 SPLITS = ("Test", "Chall", "Valid", "Train")
@@ -80,10 +81,8 @@ def model_input(split: Any):
 def write_submission_zip(predictions: Path, zip_path: Path | None = None) -> Path:
     """The zip the challenge server takes: the prediction JSON alone, at the zip's root."""
     zip_path = zip_path or predictions.with_suffix(".zip")
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.write(predictions, arcname=predictions.name)
-    os.replace(tmp, zip_path)
     return zip_path
 
 

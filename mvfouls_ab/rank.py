@@ -13,7 +13,7 @@ from pathlib import Path
 from . import ranking
 from .cli import HelpFormatter
 from .errors import MVFoulsError, StudyError, located
-from .study import DEFAULT_STORAGE, make_storage
+from .orchestration.storage import DEFAULT_STORAGE, open_storage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import optuna
 
-        storage = make_storage(args.storage)
+        storage = open_storage(args.storage)
         try:
             study = optuna.load_study(study_name=args.study, storage=storage)
         except KeyError:

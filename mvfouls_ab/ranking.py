@@ -17,45 +17,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .fsutil import atomic_write
+from .fsutil import atomic_write, json_default
 from .labels import CLASS_SLUGS, TASKS
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str         # key in a split summary
-    op: str           # ">" or "<"
-    threshold: float
-    label: str
-
-    def passed(self, value: float | None) -> bool:
-        if value is None or not math.isfinite(value):
-            return False
-        return value > self.threshold if self.op == ">" else value < self.threshold
-
-    def constraint(self, value: float | None) -> float:
-        """Optuna constraint value: <= 0 means met (strict targets need a small margin, hence 1e-9)."""
-        if value is None or not math.isfinite(value):
-            return 1.0
-        gap = self.threshold - value if self.op == ">" else value - self.threshold
-        return gap + 1e-9
-
-
-TARGETS: tuple[Target, ...] = (
-    Target("action_macro_recall", ">", 0.45, "action macro recall > 45%"),
-    Target("severity_macro_recall", ">", 0.45, "severity macro recall > 45%"),
-    Target("action_macro_f1", ">", 0.40, "action macro F1 > 0.40"),
-    Target("severity_macro_f1", ">", 0.40, "severity macro F1 > 0.40"),
-    Target("worst_class_recall", ">", 0.25, "every class recall > 25%"),
-    Target("loss", "<", 5.0, "loss < 5.0"),
-)
+from .targets import TARGETS, Target  # noqa: F401 - re-exported (notebooks, study)
 
 
 def split_summary(report: dict[str, Any], loss: float | None) -> dict[str, Any]:
@@ -193,7 +163,7 @@ def save_ranking(study: Any, out_dir: Path | str, tracker: Any | None = None) ->
     atomic_write(csv, df.to_csv(index=False))     # every compose worker writes it; readers see a whole file
     best = best_trial_number(df)
     test = rescore_on_test(study, best, out_dir) if best is not None else {"error": "no completed trial"}
-    atomic_write(out_dir / "best_trial_test.json", json.dumps(test, indent=2, default=str))
+    atomic_write(out_dir / "best_trial_test.json", json.dumps(test, indent=2, default=json_default))
     if tracker is not None:
         tracker.log_artifact(csv, "ranking")
         tracker.log_artifact(out_dir / "best_trial_test.json", "ranking")

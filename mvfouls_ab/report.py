@@ -25,18 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from . import abtest, ranking, stats
+from . import abtest, stats
 from .cli import HelpFormatter
 from .errors import MVFoulsError, StudyError, located
 from .labels import CLASS_SLUGS, TASKS
+from .orchestration.storage import DEFAULT_STORAGE, open_storage
+from .targets import BY_NAME, CLASS_RECALL_TARGET
+from .targets import TARGETS as TARGET_LIST
 
-# The design's targets (ranking.TARGETS, the single source) under this report's metric names:
+# The design's targets (targets.TARGETS, the only copy) under the metric names the report reads:
 # metric -> (threshold, higher is better).
-_TARGET_NAMES = {"action_macro_recall": "val/action/macro_recall", "severity_macro_recall": "val/severity/macro_recall",
-                 "action_macro_f1": "val/action/macro_f1", "severity_macro_f1": "val/severity/macro_f1",
-                 "worst_class_recall": "val/min_class_recall", "loss": "val/loss"}
-TARGETS: dict[str, tuple[float, bool]] = {_TARGET_NAMES[t.name]: (t.threshold, t.op == ">")
-                                          for t in ranking.TARGETS if t.name in _TARGET_NAMES}
+TARGETS: dict[str, tuple[float, bool]] = {f"val/{t.metric}": (t.threshold, t.higher_is_better) for t in TARGET_LIST}
 BOARD = "val/leaderboard"   # the leaderboard's key in the values the figures and target tables read
 VERDICT_COLOURS = {stats.BETTER: "#c8f7c5", stats.WORSE: "#f7c5c5", stats.NO_DIFFERENCE: "#eeeeee"}
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -120,7 +119,7 @@ def per_class_figure(groups: Mapping[str, Mapping[str, Sequence[float]]], title:
                                  marker_color=PALETTE[g % len(PALETTE)],
                                  error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}),
                           row=1, col=col)
-    fig.add_hline(y=0.25, line_dash="dash", line_color="black")
+    fig.add_hline(y=CLASS_RECALL_TARGET, line_dash="dash", line_color="black")
     fig.update_yaxes(range=[0, 1.05], title_text="recall")
     fig.update_layout(title=title, barmode="group", height=480)
     return fig
@@ -391,7 +390,7 @@ def _group_values(metrics: Sequence[Mapping[str, float]], bests: Sequence[Mappin
     for m in metrics:
         for k, v in m.items():
             out.setdefault(k, []).append(float(v) if v is not None else math.nan)
-    out["val/min_class_recall"] = [min(min(b.get(f"{t}_per_class_recall") or [math.nan]) for t in TASKS)
+    out[f"val/{BY_NAME['worst_class_recall'].metric}"] = [min(min(b.get(f"{t}_per_class_recall") or [math.nan]) for t in TASKS)
                                    for b in bests]
     return out
 
@@ -443,7 +442,7 @@ def study_report_html(study: Any, top: int = 5) -> str:
     for t in best:
         name = f"trial {t.number}"
         valid = (t.user_attrs.get("summary") or {}).get("valid") or {}
-        v = {metric: [valid.get(key, math.nan)] for key, metric in _TARGET_NAMES.items()}
+        v = {metric: [valid.get(key, math.nan)] for key, metric in ((t.name, f"val/{t.metric}") for t in TARGET_LIST)}
         v[BOARD] = [valid.get("leaderboard", math.nan)]
         for task in TASKS:
             for slug, r in zip(CLASS_SLUGS[task], valid.get(f"{task}_recall") or []):
@@ -488,7 +487,7 @@ def write_study_report(name: str, storage: str, out: Path | str, tracking_uri: s
     import optuna
 
     try:
-        study = optuna.load_study(study_name=name, storage=abtest.open_storage(storage))
+        study = optuna.load_study(study_name=name, storage=open_storage(storage))
     except KeyError:
         raise StudyError(located(storage, f"no study {name!r} in this storage",
                                  "pass the --study-name used with python -m mvfouls_ab.study")) from None
@@ -510,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", help="A/B experiment name (or its experiments/ab_NAME.yaml)")
     which.add_argument("--study", help="Optuna HPO study name")
-    ap.add_argument("--storage", default=abtest.DEFAULT_STORAGE)
+    ap.add_argument("--storage", default=DEFAULT_STORAGE)
     ap.add_argument("--tracking-uri", default=None, help="log the report to MLflow (default sqlite:///mlflow.db)")
     ap.add_argument("--no-mlflow", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="HTML file (default runs/reports/NAME.html)")

@@ -43,7 +43,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import yaml
@@ -52,26 +51,26 @@ from . import ranking, shutdown
 from .config import FIELD_TYPES, PROFILES, TrainingConfig, coerce
 from .errors import ConfigError, MVFoulsError, StudyError, located
 from .fsutil import claim_run_folder, remove_run_folder
+from .orchestration import workers
+from .orchestration.storage import DEFAULT_STORAGE, check_storage_url, default_storage, open_storage
 from .tracking import (
     DEFAULT_TRACKING_URI,
     SPILL_NAME,
     MLflowSink,
     RunTracker,
     check_tracking_uri,
+    claim_run,
     data_fingerprint,
     git_commit,
-    normalize_db_url,
     wait_closed,
 )
 from .urls import STORAGE_ENV, TRACKING_ENV, redact, redact_text
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_SEARCH_SPACE_FILE = Path(__file__).resolve().parent.parent / "experiments" / "search_space.yaml"
 # A profile's own default search space (--search-space overrides it); the other profiles use DEFAULT_SEARCH_SPACE.
 PROFILE_SEARCH_SPACES: dict[str, Path] = {"gpu": DEFAULT_SEARCH_SPACE_FILE.with_name("search_space_gpu.yaml")}
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
 PRUNERS = ("median", "hyperband", "none")
 
 # The default search space (experiments/search_space.yaml holds the same; tests/test_study.py keeps them equal).
@@ -210,49 +209,6 @@ def max_epochs(space: dict[str, Any], base: TrainingConfig) -> int:
 
 
 # ---- Optuna pieces ------------------------------------------------------------------------------------------
-def check_storage_url(url: str) -> str:
-    parsed = urlparse(url)
-    scheme = parsed.scheme.split("+")[0]
-    if scheme not in STORAGE_SCHEMES or (scheme == "sqlite" and not url.startswith("sqlite:///")):
-        raise StudyError(located("--storage", f"{redact(url)!r} is not a storage URL this tool supports",
-                                 "use sqlite:///optuna.db or postgresql://USER@HOST:PORT/DB"))
-    if scheme != "sqlite":
-        try:
-            _ = parsed.port
-        except ValueError:
-            raise StudyError(located("--storage", f"{redact(url)!r} has an invalid port",
-                                     "write postgresql://USER@HOST:PORT/DB with a numeric port")) from None
-        if not parsed.hostname or not parsed.path.strip("/"):
-            raise StudyError(located("--storage", f"{redact(url)!r} needs a host and a database name",
-                                     "write postgresql://USER@HOST:PORT/DB"))
-    return url
-
-
-def make_storage(url: str, heartbeat: int = 10):
-    """RDBStorage with a heartbeat and automatic retry of trials whose worker died."""
-    import optuna
-    from optuna.storages import RDBStorage
-
-    check_storage_url(url)
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["connect_args"] = {"connect_timeout": 5}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(normalize_db_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=StaleTrialRetry(max_retry=3))
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy OperationalError / ArgumentError / missing driver
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = redact_text(first, [url])
-        raise StudyError(located("--storage", f"cannot open storage {redact(url)!r} ({type(exc).__name__}: {first})",
-                                 "start the database server / create the database, or use sqlite:///optuna.db"
-                                 )) from None
-
-
 def retry_trial(study: Any, frozen: Any, graceful: bool = False, max_retry: int | None = None) -> bool:
     """Enqueue a WAITING copy of a failed trial: same params, user attributes (its run folder and MLflow run id) and
     intermediate values, with the system attributes of Optuna's RetryHeartbeatStaleTrialCallback (``failed_trial``,
@@ -567,7 +523,9 @@ def build_base_config(args: argparse.Namespace, space: dict[str, Any]) -> Traini
             from .config import load_config
 
             base = load_config(None, args.set, base=base)
-        base.replace(**space["fixed"])   # validate the fixed part once
+        from .training.registry import check_registered  # torch: the registries' modules
+
+        check_registered(base.replace(**space["fixed"]))   # validate the fixed part once
     except ConfigError as exc:
         raise StudyError(str(exc)) from None
     return base
@@ -617,13 +575,16 @@ def parent_run(study: Any, args: argparse.Namespace, ctx_tags: dict[str, Any]) -
     if not run_id:
         raise StudyError(located("--tracking-uri", f"MLflow at {args.tracking_uri} did not answer in 60 s",
                                  f"start the tracking server, or use the local default {DEFAULT_TRACKING_URI}"))
-    winner = claim_parent_run(study, run_id, found)
+    def discard(loser: str) -> None:      # another worker started at the same time and claimed first
+        tracker.end("KILLED")
+        client.delete_run(loser)
+
+    # each claims under a key named after what it found (no parent run, or a stale one): racing workers compete
+    winner = claim_run(study, f"mlflow_parent_claim:{found or 'none'}", run_id, discard)
     study.set_user_attr("mlflow_parent_run_id", winner)
     study.set_user_attr("mlflow_experiment", study.study_name)
     study.set_user_attr("mlflow_tracking_uri", args.tracking_uri)
-    if winner != run_id:          # another worker started at the same time and claimed first
-        tracker.end("KILLED")
-        client.delete_run(run_id)
+    if winner != run_id:
         return RunTracker(args.tracking_uri, study.study_name, "", resume_run_id=winner, client=client)
     return tracker
 
@@ -647,26 +608,10 @@ def run_exists(client: Any, run_id: str, tracking_uri: str, attempts: int = 12) 
                              "start the tracking server (or wait for it) and run the worker again"))
 
 
-def claim_parent_run(study: Any, run_id: str, found: str | None, settle_s: float = 0.5) -> str:
-    """The parent run that workers started at the same time all adopt: the first claim written.
-
-    Each claims under a key named after what it found (no parent run, or a stale one), so racing workers compete
-    for one key. A worker writes only when the key is absent, and Optuna's RDB storage inserts a new attribute
-    once (a racing insert's IntegrityError is ignored), so the first claim stays. Only a claim that found the key
-    absent microseconds before another's commit can overwrite it; reading back after ``settle_s`` makes every
-    worker see the last write.
-    """
-    key = f"mlflow_parent_claim:{found or 'none'}"
-    if key not in study.user_attrs:
-        study.set_user_attr(key, run_id)
-        time.sleep(settle_s)
-    return study.user_attrs[key]
-
-
 def wait_for_parent_run(args: argparse.Namespace) -> str:
     """A worker started by a coordinator (``--workers N``) gets the parent run id on its stdin once the
     coordinator has loaded its data and created the run; an end of input means the coordinator failed first."""
-    line = sys.stdin.readline().strip()
+    line = workers.read_handed_over()
     if not line:
         raise StudyError(f"worker {args.worker_index}: the coordinating process ended before it created the "
                          f"study's MLflow parent run; see its error above")
@@ -700,7 +645,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=50, help="trials to finish in this invocation (all workers)")
     p.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
     p.add_argument("--study-name", default="mvfouls", help="Optuna study = MLflow experiment name")
-    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE,
+    p.add_argument("--storage", default=default_storage(),
                    help=f"Optuna RDB storage URL (postgresql://... for workers; default ${STORAGE_ENV} or "
                         f"{DEFAULT_STORAGE}: put a URL with a password there, or in ~/.pgpass, not on the command line)")
     p.add_argument("--tracking-uri", default=os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI,
@@ -747,7 +692,7 @@ def join_study(args: argparse.Namespace, pruner: Any = None) -> tuple[dict, Trai
     if args.data and not Path(args.data).is_dir():
         raise StudyError(located(args.data, "data folder not found", "pass the folder with Train/ Valid/ Test/"))
     base = build_base_config(args, space)
-    storage = make_storage(args.storage, args.heartbeat)
+    storage = open_storage(args.storage, args.heartbeat, stale_trial_callback=StaleTrialRetry(max_retry=3))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=args.study_name, storage=storage, direction="maximize",
                                 sampler=make_sampler(args.seed, args.worker_index),
@@ -802,15 +747,15 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
     # parent run id on its stdin (MLflow's tables and the parent run are created here, once).
     joined = join_study(args)
     coordinator = args.worker_index == 0
-    procs = start_workers(args, until=joined[3]) if coordinator and args.workers > 1 else []
+    procs = (workers.start_workers("mvfouls_ab.study", [worker_argv(args, i, joined[3]) for i in range(1, args.workers)],
+                                   env=child_env(args), stdin=True) if coordinator and args.workers > 1 else [])
     try:
         study, ctx, tracker, until = open_study(args, extra_sinks=extra_sinks, joined=joined)
     except BaseException:
-        hand_over(procs, None)      # they stop with "the coordinating process ended"
-        for proc in procs:
-            proc.wait()
+        workers.hand_over(procs, None)      # they stop with "the coordinating process ended"
+        workers.wait_all(procs)
         raise
-    hand_over(procs, tracker.run_id)
+    workers.hand_over(procs, tracker.run_id)
     out = ctx.out
     threading.Thread(target=recover_spills, args=(study, ctx), name="spill-recovery", daemon=True).start()
     if coordinator:
@@ -829,8 +774,7 @@ def run(args: argparse.Namespace, extra_sinks: list[Any] | None = None) -> dict[
             stopped(study, ctx, tracker, procs, coordinator)
             raise
     wait_closed()                                     # trial runs still sending (ended with wait=False)
-    for proc in procs:
-        proc.wait()
+    workers.wait_all(procs)
     elapsed = time.time() - t0
     if shutdown.requested():                          # stopped between trials: nothing to hand back
         stopped(study, ctx, tracker, [], coordinator)
@@ -858,35 +802,8 @@ def stopped(study: Any, ctx: StudyContext, tracker: RunTracker, procs: list[subp
         print(f"trial {number} handed back to the study: the next free worker resumes it from its last checkpoint",
               file=sys.stderr, flush=True)
     wait_closed(60.0)             # the runs of trials that finished just before (inside compose's grace period)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(120)
+    workers.wait_all(procs, timeout=120)
     tracker.logger.close(5.0)     # the parent run stays open: other workers (or a later start) carry on with it
-
-
-def start_workers(args: argparse.Namespace, until: int) -> list[subprocess.Popen]:
-    """Worker processes 1..N-1 of ``--workers N`` (this process is worker 0, the coordinator). URLs that hold a
-    password reach them through the environment (MVFOULS_STORAGE, MVFOULS_TRACKING_URI), never their argv; a
-    SIGTERM to this process is passed on to them."""
-    procs = []
-    env = child_env(args)
-    for i in range(1, args.workers):
-        cmd = [sys.executable, "-m", "mvfouls_ab.study", *_child_argv(args), "--worker-index", str(i),
-               "--until", str(until), "--workers", "1", "--threads", str(args.threads)]
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True, env=env))
-    shutdown.forward_to(p.pid for p in procs)
-    return procs
-
-
-def child_env(args: argparse.Namespace) -> dict[str, str]:
-    """The environment of a worker child: the storage and tracking URIs in variables when they hold a password."""
-    from .urls import password_of
-
-    env = dict(os.environ)
-    for var, url in ((STORAGE_ENV, args.storage), (TRACKING_ENV, args.tracking_uri)):
-        if password_of(url):
-            env[var] = url
-    return env
 
 
 def recover_spills(study: Any, ctx: StudyContext, attempts: int = 60) -> int:
@@ -934,14 +851,6 @@ def stop_when_requested(study: Any, trial: Any) -> None:
         study.stop()
 
 
-def hand_over(procs: list[subprocess.Popen], parent_run_id: str | None) -> None:
-    """Write the parent run id to each started worker's stdin and close it (None: close it only)."""
-    for proc in procs:
-        with contextlib.suppress(OSError), proc.stdin:   # a worker that ended already: its error is on stderr
-            if parent_run_id:
-                proc.stdin.write(f"{parent_run_id}\n")
-
-
 class FailureBudget:
     """Optuna callback: stop this worker after `limit` failed trials (a broken setup must not loop forever)."""
 
@@ -957,6 +866,17 @@ class FailureBudget:
                 print(f"{self.failed} trials failed in this worker; stopping (see the MLflow runs' error tags)",
                       file=sys.stderr)
                 study.stop()
+
+
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a worker child: the storage and tracking URIs in variables when they hold a password."""
+    return workers.child_env({STORAGE_ENV: args.storage, TRACKING_ENV: args.tracking_uri})
+
+
+def worker_argv(args: argparse.Namespace, index: int, until: int) -> list[str]:
+    """Worker ``index`` (1..N-1) of ``--workers N``; this process is worker 0, the coordinator."""
+    return [*_child_argv(args), "--worker-index", str(index), "--until", str(until), "--workers", "1",
+            "--threads", str(args.threads)]
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:

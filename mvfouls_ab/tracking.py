@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -51,8 +51,9 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .errors import StudyError, located
-from .fsutil import atomic_write
+from .fsutil import atomic_write, jsonable
 from .labels import ACTION_CLASSES, SEVERITY_CLASSES, TASKS
+from .urls import normalize_db_url
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +106,6 @@ def init_store(uri: str) -> None:
     make_client(uri).search_experiments(max_results=1)
 
 
-def normalize_db_url(url: str) -> str:
-    """postgresql://... -> postgresql+psycopg2://... when psycopg (v3), SQLAlchemy 2.1's default driver, is absent."""
-    if url.startswith(("postgresql://", "postgres://")):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
-
-
 def make_client(uri: str):
     """An MlflowClient whose HTTP requests fail fast (our own thread retries, with backoff, without blocking)."""
     from mlflow import MlflowClient
@@ -128,6 +119,27 @@ def make_client(uri: str):
 # open on traces. Every experiment this project creates is a custom model's (the training runs table).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+
+
+def claim_run(study: Any, key: str, run_id: str, discard: Callable[[str], None] | None = None,
+              settle_s: float = 0.5) -> str:
+    """The one claim protocol for runs that several workers may create at the same time (the study's parent run,
+    an A/B experiment's parent and arm runs): the run every one of them adopts is the first claim written.
+
+    Each worker claims its new run under the same Optuna study user attribute ``key``, written only when absent;
+    Optuna's RDB storage inserts an attribute once (a racing insert's IntegrityError is ignored), so the first
+    claim stays. Only a claim that found the key absent microseconds before another's commit can overwrite it;
+    reading back after ``settle_s`` makes every worker see the last write. A loser passes its own run to
+    ``discard`` (end and delete it), so no orphaned run is left RUNNING. Returns the winner's run id.
+    """
+    if key not in study.user_attrs:
+        study.set_user_attr(key, run_id)
+        time.sleep(settle_s)
+    winner = study.user_attrs[key]
+    if winner != run_id and discard is not None:
+        with contextlib.suppress(Exception):     # best effort: the run is unused either way
+            discard(run_id)
+    return winner
 
 
 def get_or_create_experiment(client, name: str) -> str:
@@ -668,7 +680,7 @@ class RunTracker:
         return self.logger.wait_run_id(timeout)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self.logger.submit({"op": "params", "values": {k: _plain(v) for k, v in params.items()}})
+        self.logger.submit({"op": "params", "values": {k: jsonable(v) for k, v in params.items()}})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.logger.submit({"op": "tags", "values": {k: str(v) for k, v in tags.items()}})
@@ -679,12 +691,12 @@ class RunTracker:
                             "values": {k: float(v) for k, v in values.items()}})
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
-        self.logger.submit({"op": "text", "file": artifact_file, "text": json.dumps(data, indent=1, default=_plain)})
+        self.logger.submit({"op": "text", "file": artifact_file, "text": json.dumps(data, indent=1, default=jsonable)})
 
     def log_plot(self, kind: str, artifact_file: str, **data: Any) -> None:
         """A figure of FIGURES[kind] built from plain data by the background thread (not the training thread)."""
         self.logger.submit({"op": "figure", "kind": kind, "file": artifact_file,
-                            "data": json.loads(json.dumps(data, default=_plain))})
+                            "data": json.loads(json.dumps(data, default=jsonable))})
 
     def log_figure(self, fig, artifact_file: str) -> None:
         """A plotly figure as a standalone HTML artifact (plotly.js from the CDN, like mlflow.log_figure)."""
@@ -698,7 +710,7 @@ class RunTracker:
         """Columns of equal length as an MLflow table artifact (``MlflowClient.log_table``: the UI lists and shows
         it as a table). Log a table once: a second call with the same file appends to it."""
         self.logger.submit({"op": "table", "file": artifact_file,
-                            "data": json.loads(json.dumps(dict(data), default=_plain))})
+                            "data": json.loads(json.dumps(dict(data), default=jsonable))})
 
     def log_model(self, model_dir: Path | str, name: str = "model", step: int = 0,
                   tags: Mapping[str, Any] | None = None) -> None:
@@ -760,16 +772,6 @@ def wait_closed(timeout: float = 120.0) -> None:
 
 
 atexit.register(wait_closed)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, Path):
-        return str(v)
-    return v
 
 
 # ---- figures ------------------------------------------------------------------------------------------------

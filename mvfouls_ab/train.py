@@ -15,7 +15,8 @@ from pathlib import Path
 from . import shutdown
 from .config import PROFILES, TrainingConfig, load_config
 from .errors import MVFoulsError, located
-from .fsutil import check_removable, claim_run_folder, remove_run_folder
+from .fsutil import atomic_write, check_removable, claim_run_folder, remove_run_folder
+from .training.registry import check_registered
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +49,7 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
     changes = {}
     if args.data is not None:
         changes["data_root"] = str(Path(args.data).expanduser().resolve())
-    return cfg.replace(**changes) if changes else cfg
+    return check_registered(cfg.replace(**changes) if changes else cfg)
 
 
 RUN_ID_FILE = "mlflow_run.json"      # the run folder's MLflow run: a resumed folder continues the same run
@@ -92,8 +93,8 @@ def start_tracking(args: argparse.Namespace, cfg: TrainingConfig, data, out: Pat
     tracker.log_params(cfg.flat())
     run_id = tracker.wait_run_id(timeout=30.0)
     if run_id:
-        id_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": args.tracking_uri,
-                                       "experiment": args.experiment}))
+        atomic_write(id_file, json.dumps({"run_id": run_id, "tracking_uri": args.tracking_uri,
+                                          "experiment": args.experiment}))
     sink = MLflowSink(tracker)
     if resume:
         sink.backfill(checkpointed_records(out))

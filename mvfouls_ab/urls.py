@@ -88,3 +88,13 @@ def pgpass_line(url: str, password: str, database: str | None = None) -> str:
     db = database if database is not None else (parts.path.lstrip("/") or "*")
     return ":".join(esc(x) for x in (parts.hostname or "localhost", str(parts.port or 5432), db,
                                      unquote(parts.username or ""), password))
+
+
+def normalize_db_url(url: str) -> str:
+    """postgresql://... -> postgresql+psycopg2://... when psycopg (v3), SQLAlchemy 2.1's default driver, is absent."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url

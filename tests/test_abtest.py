@@ -13,6 +13,7 @@ import torch
 from mvfouls_ab import ab, abtest
 from mvfouls_ab.data import load_data
 from mvfouls_ab.errors import ConfigError, StudyError
+from mvfouls_ab.orchestration.storage import open_storage
 
 torch.set_num_threads(1)
 
@@ -113,8 +114,8 @@ def test_experiment_file_errors(tmp_path: Path) -> None:
             abtest.load_experiment(p)
     with pytest.raises(ConfigError, match="not found"):
         abtest.load_experiment(tmp_path / "missing.yaml")
-    with pytest.raises(StudyError, match="not a database URL"):
-        abtest.open_storage("optuna.db")
+    with pytest.raises(StudyError, match="is not a storage URL"):
+        open_storage("optuna.db")
 
 
 def test_every_shipped_experiment_loads() -> None:

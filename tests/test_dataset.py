@@ -5,8 +5,6 @@ import mmap
 import os
 import pickle
 import shutil
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from mvfouls_ab.config import TrainingConfig
 from mvfouls_ab.data import dataset as dataset_module
+from mvfouls_ab.data import synthetic
 from mvfouls_ab.data.annotations import load_split
 from mvfouls_ab.data.dataset import ClipCache, EpochShuffle, MultiViewDataset, load_data, make_loader
 from mvfouls_ab.data.video import ClipWindow, decode_clip, write_clip
@@ -316,13 +315,11 @@ def test_load_data_reads_every_split(tiny_mvfouls, tmp_path):
 def test_load_data_defaults_to_the_synthetic_data_set(tiny_mvfouls, tmp_path, monkeypatch):
     calls = []
 
-    def default_data_root(cache_dir=None):
+    def default_data_root(cache_dir):
         calls.append(cache_dir)
         return tiny_mvfouls
 
-    fake = types.ModuleType("mvfouls_ab.data.synthetic")
-    fake.default_data_root = default_data_root
-    monkeypatch.setitem(sys.modules, "mvfouls_ab.data.synthetic", fake)
+    monkeypatch.setattr(synthetic, "default_data_root", default_data_root)
     bundle = load_data(TrainingConfig(data_root="", cache_dir=str(tmp_path / "c")))
     assert calls == [tmp_path / "c"] and bundle.root == tiny_mvfouls
 

@@ -24,9 +24,15 @@ def batch():
     return torch.randn(16, 4, generator=g), torch.randint(0, 4, (16,), generator=g)
 
 
-def test_registry_covers_config_losses():
-    from mvfouls_ab.config import LOSSES as CONFIG_LOSSES
-    assert set(CONFIG_LOSSES) == set(L.LOSSES)
+def test_the_loss_registry_is_the_only_list():
+    from mvfouls_ab.errors import ConfigError
+    from mvfouls_ab.training.registry import check_registered, registered
+
+    assert registered()["loss"] == tuple(L.LOSSES)
+    for name in L.LOSSES:
+        check_registered(TrainingConfig(loss=name))
+    with pytest.raises(ConfigError, match="loss='nope' is not one of"):
+        check_registered(TrainingConfig(loss="nope"))
 
 
 def test_ce_and_weighted_ce(batch):

@@ -12,6 +12,7 @@ import pytest
 from mvfouls_ab import abtest, report, stats
 from mvfouls_ab.config import TrainingConfig
 from mvfouls_ab.labels import CLASS_SLUGS, TASKS
+from mvfouls_ab.orchestration.storage import open_storage
 
 
 def _fake_cell_attrs(rng: np.random.Generator, level: float, cell_effect: float) -> dict:
@@ -157,7 +158,7 @@ def test_study_report_reads_trial_summaries_and_run_folders(tmp_path: Path) -> N
     from mvfouls_ab.metrics import compute_detailed_metrics
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    study = optuna.create_study(study_name="hpo", storage=abtest.open_storage(storage), direction="maximize")
+    study = optuna.create_study(study_name="hpo", storage=open_storage(storage), direction="maximize")
     rng = np.random.default_rng(1)
     for number in range(3):
         trial = study.ask()

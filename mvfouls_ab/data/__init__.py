@@ -10,7 +10,7 @@ from typing import Any
 _WHERE = {
     "SPLITS": "annotations", "Action": "annotations", "Clip": "annotations", "SplitAnnotations": "annotations",
     "load_split": "annotations", "ClipCache": "dataset", "DataBundle": "dataset", "EpochShuffle": "dataset",
-    "MultiViewDataset": "dataset", "default_cache_dir": "dataset", "load_data": "dataset", "make_loader": "dataset",
+    "MultiViewDataset": "dataset", "default_cache_dir": "paths", "load_data": "dataset", "make_loader": "dataset",
     "SHORT_CLIPS": "video", "ClipWindow": "video", "decode_clip": "video", "write_clip": "video",
 }
 __all__ = [

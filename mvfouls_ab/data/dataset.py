@@ -12,7 +12,6 @@ import hashlib
 import json
 import mmap
 import os
-import uuid
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +23,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..errors import VideoError, located
+from ..fsutil import atomic_path, atomic_write
 from .annotations import Action, Clip, SplitAnnotations, load_split
+from .paths import data_root, default_cache_dir
 from .video import ClipWindow, decode_frames, note_padding
 
 MAX_VIEWS = 4  # the real data set has 2 to 4 views per action; evaluation pads to this many
-
-
-def default_cache_dir(cfg: Any | None = None) -> Path:
-    """cfg.cache_dir, else $MVFOULS_AB_CACHE, else ~/.cache/mvfouls_ab: the one place the default is resolved."""
-    configured = (getattr(cfg, "cache_dir", "") if cfg is not None else "") or os.environ.get("MVFOULS_AB_CACHE", "")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mvfouls_ab"
 
 
 class ClipCache:
@@ -257,14 +252,7 @@ def _load(target: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _save(target: Path, frames: np.ndarray) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, frames)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(target, lambda handle: np.save(handle, frames))
 
 
 def _pack_digest(keys: list[str]) -> str:
@@ -299,10 +287,7 @@ def _load_pack(base: Path) -> dict[str, np.ndarray] | None:
 def _save_pack(base: Path, keys: list[str], shape: tuple[int, ...], rows: Any) -> None:
     """Write the pack of `keys` at `base`: the .npy streamed from `rows` (uint8 arrays of `shape`, one per
     key, never all in memory), then the .json index; both to temporary names, renamed index first."""
-    base.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp_array, tmp_index = base.with_name(f".{base.name}.{tag}.npy"), base.with_name(f".{base.name}.{tag}.json")
-    try:
+    with atomic_path(base.with_suffix(".npy")) as tmp_array:     # renamed last, after the index
         with open(tmp_array, "wb") as handle:
             header = {"descr": "|u1", "fortran_order": False, "shape": (len(keys), *shape)}
             np.lib.format.write_array_header_1_0(handle, header)
@@ -314,12 +299,7 @@ def _save_pack(base: Path, keys: list[str], shape: tuple[int, ...], rows: Any) -
                 written += 1
             if written != len(keys):
                 raise ValueError(f"{base}.npy: {written} rows written for {len(keys)} keys")
-        tmp_index.write_text(json.dumps({"shape": list(shape), "keys": keys}))
-        os.replace(tmp_index, base.with_suffix(".json"))
-        os.replace(tmp_array, base.with_suffix(".npy"))
-    finally:
-        tmp_array.unlink(missing_ok=True)
-        tmp_index.unlink(missing_ok=True)
+        atomic_write(base.with_suffix(".json"), json.dumps({"shape": list(shape), "keys": keys}))
 
 
 class MultiViewDataset(Dataset):
@@ -497,12 +477,7 @@ def load_data(cfg: Any) -> DataBundle:
     per clip, not packed) on first read.
     """
     cache_dir = default_cache_dir(cfg)
-    if cfg.data_root:
-        root = Path(cfg.data_root).expanduser()
-    else:
-        from .synthetic import default_data_root  # generates the synthetic data set on first use
-
-        root = Path(default_data_root(cache_dir))
+    root = data_root(cfg)
     splits = {name: load_split(root, name) for name in ("Train", "Valid", "Test")}
     chall = load_split(root, "Chall") if (root / "Chall").is_dir() else None
     bundle = DataBundle(splits["Train"], splits["Valid"], splits["Test"], chall, Path(os.path.abspath(root)),

@@ -1077,16 +1077,15 @@ def default_root_name(scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED) ->
     return f"scale{scale:g}_seed{seed}_v{VERSION}"
 
 
-def default_data_root(cache_dir: Path | str | None = None, scale: float = DEFAULT_SCALE,
+def default_data_root(cache_dir: Path | str, scale: float = DEFAULT_SCALE,
                       seed: int = DEFAULT_SEED, progress: bool = True) -> Path:
-    """The default synthetic data set under <cache_dir or ~/.cache/mvfouls_ab>/synthetic/, generated on first use.
+    """The default synthetic data set under <cache_dir>/synthetic/ (data.paths.default_cache_dir: the cache
+    folder a config names), generated on first use.
 
     A file lock (fcntl.flock) makes concurrent callers wait for one generation instead of racing; the folder
     appears only once complete (atomic rename), so its existence means it is usable.
     """
-    from .dataset import default_cache_dir
-
-    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    base = Path(cache_dir).expanduser()
     root = base / "synthetic" / default_root_name(scale, seed)
     if (root / "synthetic.json").is_file():
         return root

@@ -8,8 +8,6 @@ is counted in `SHORT_CLIPS` and reported with one warning.
 """
 from __future__ import annotations
 
-import os
-import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import av
 import numpy as np
 
 from ..errors import VideoError, located
+from ..fsutil import atomic_path
 
 RESIZE_MODES = ("squash", "crop")
 
@@ -181,31 +180,25 @@ def write_clip(path: Path | str, frames: np.ndarray, fps: int = 25, codec: str =
     _, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise ValueError(f"write_clip needs even height and width for H.264 yuv420p, got {width}x{height}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            stream = out.add_stream(codec, rate=fps)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            if codec == "libx264":
-                stream.options = {"preset": preset, "crf": str(crf)}
-                if threads:   # x264 threads (default: its own choice); 1 suits one encoder per core
-                    stream.options = {**stream.options, "threads": str(threads)}
-            astream = out.add_stream("aac", rate=16000, layout="mono") if audio else None
-            for i, rgb in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-                frame.pts, frame.time_base = i, Fraction(1, fps)
-                out.mux(stream.encode(frame))
-            out.mux(stream.encode(None))
-            if astream is not None:
-                samples = round(len(frames) / fps * 16000)
-                for start in range(0, samples, 1024):
-                    n = min(1024, samples - start)
-                    silent = av.AudioFrame.from_ndarray(np.zeros((1, n), np.float32), format="fltp", layout="mono")
-                    silent.sample_rate, silent.pts = 16000, start
-                    out.mux(astream.encode(silent))
-                out.mux(astream.encode(None))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": preset, "crf": str(crf)}
+            if threads:   # x264 threads (default: its own choice); 1 suits one encoder per core
+                stream.options = {**stream.options, "threads": str(threads)}
+        astream = out.add_stream("aac", rate=16000, layout="mono") if audio else None
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+        if astream is not None:
+            samples = round(len(frames) / fps * 16000)
+            for start in range(0, samples, 1024):
+                n = min(1024, samples - start)
+                silent = av.AudioFrame.from_ndarray(np.zeros((1, n), np.float32), format="fltp", layout="mono")
+                silent.sample_rate, silent.pts = 16000, start
+                out.mux(astream.encode(silent))
+            out.mux(astream.encode(None))
     return path

@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..config import TrainingConfig
 from ..data.annotations import SplitAnnotations
 from ..data.dataset import MAX_VIEWS, ClipCache
 from ..data.video import ClipWindow
+from ..fsutil import atomic_path, atomic_write
 from .backbones import (
     BACKBONE_VERSION,
     TORCHVISION_BACKBONES,
@@ -159,13 +159,8 @@ def compute_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCa
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    try:
+    with atomic_path(path) as tmp:       # the name ends in .npz: np.savez adds nothing
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load(path: Path, action_ids: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -181,9 +176,7 @@ def _load(path: Path, action_ids: list[str]) -> tuple[np.ndarray, np.ndarray] | 
 
 def _write_meta(meta: Path, info: dict) -> None:
     if not meta.exists():
-        tmp = meta.with_name(f".meta.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, meta)
+        atomic_write(meta, json.dumps(info, indent=1))
 
 
 def load_features(cfg: TrainingConfig, split: SplitAnnotations, cache: ClipCache,

@@ -231,6 +231,11 @@ def build_model(cfg: TrainingConfig) -> MVFoulsModel:
     return MVFoulsModel(backbone, head, dim, frozen=cfg.feature_mode != "end_to_end", variant=cfg.variant)
 
 
+def has_levels(model: MVFoulsModel) -> bool:
+    """Whether the model's head has complexity levels (set_complexity applies): the progressive variant's."""
+    return isinstance(model.head, ProgressiveHead)
+
+
 def set_complexity(model: MVFoulsModel, level: int) -> None:
     """Set the progressive variant's level (1..3). Growing keeps every trained weight and, the new blocks starting
     as the identity, the model's predictions; a lower level drops the blocks above it. Build a new optimizer after

@@ -38,10 +38,12 @@ from torch import nn
 from .. import labels, oom, shutdown
 from ..config import TrainingConfig
 from ..errors import MVFoulsError, located
-from ..fsutil import atomic_write, atomic_write_jsonl, claim_run_folder
+from ..fsutil import atomic_write, atomic_write_jsonl, claim_run_folder, json_default
+from ..models.variants import has_levels
 from . import checkpoint as ckpt
 from .losses import multitask_loss
 from .phases import PhaseSpec, phase_plan
+from .registry import check_registered
 from .sources import Source, Sources, build_sources
 from .stability import Event, StabilityGuard
 
@@ -84,7 +86,7 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig, data: Any, sinks: list[Any] | None = None,
                  run_dir: Path | str = "runs/run", resume: bool = True, progress: bool = True,
                  representation_log: Callable[[int, dict[str, float]], None] | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = check_registered(cfg)
         self.data = data
         self.sinks = list(sinks or [])
         self.run_dir = Path(run_dir)
@@ -405,7 +407,7 @@ class Trainer:
         cfg = self.cfg
         self.guard.new_phase()
         self.last_subset = None                      # a new phase: new data, new loss; nothing to compare with
-        if self.variant == "progressive" and cfg.progressive_grow and self.complexity != spec.number:
+        if cfg.progressive_grow and has_levels(self.model) and self.complexity != spec.number:
             from ..models.variants import set_complexity
 
             self.complexity = spec.number
@@ -470,7 +472,7 @@ class Trainer:
         from ..models.variants import build_model, set_complexity
 
         model = build_model(self.cfg.replace(variant=variant, complexity_level=complexity))
-        if variant == "progressive":
+        if has_levels(model):
             set_complexity(model, complexity)
         if not self.trains_backbone:
             for p in model.backbone.parameters():
@@ -535,8 +537,8 @@ class Trainer:
         ckpt.save_atomic(state, self.ckpt_dir / ckpt.LAST)
         # metrics.jsonl mirrors the checkpoint's history; both files are replaced whole (atomic: a reader never
         # sees half a line), a few KB per epoch
-        atomic_write_jsonl(self.run_dir / "metrics.jsonl", [r.to_dict() for r in self.history], _json_default)
-        atomic_write_jsonl(self.run_dir / "events.jsonl", [e.to_dict() for e in self.guard.events], _json_default)
+        atomic_write_jsonl(self.run_dir / "metrics.jsonl", [r.to_dict() for r in self.history])
+        atomic_write_jsonl(self.run_dir / "events.jsonl", [e.to_dict() for e in self.guard.events])
         keep = {Path(e["path"]).name for e in self.top}
         for path in self.ckpt_dir.glob("model_epoch*.pt"):
             if path.name not in keep:
@@ -621,7 +623,7 @@ class Trainer:
                 per_class[name] = {t: report["tasks"][t]["recall"] for t in TASKS}
         summary = {"best_epoch": self.top[0]["epoch"], "ensemble": [e["epoch"] for e in self.top], "taus": taus,
                    "variant": self.variant, "official": official, "per_class_recall": per_class}
-        atomic_write(self.run_dir / "official_metrics.json", json.dumps(summary, indent=2, default=_json_default))
+        atomic_write(self.run_dir / "official_metrics.json", json.dumps(summary, indent=2, default=json_default))
         best = next(r for r in self.history if r.step + 1 == self.top[0]["epoch"])
         return RunResult(best=best, history=self.history, checkpoint=Path(self.top[0]["path"]),
                          predictions=predictions, official=official, per_class_recall=per_class, logits=final,
@@ -635,16 +637,6 @@ class Trainer:
 
 def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
 
 
 def transfer_weights(old: nn.Module, new: nn.Module) -> int:
