@@ -33,7 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mvfouls_ab import ab, abtest, stats
+from mvfouls_ab import ab
+from mvfouls_ab.orchestration import ab as abtest
+from mvfouls_ab.orchestration import stats
 
 PRIMARY = abtest.PRIMARY_METRIC
 

@@ -112,7 +112,7 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from mvfouls_ab.config import PROFILES, TrainingConfig
-    from mvfouls_ab.study import prepare_data
+    from mvfouls_ab.orchestration.study import prepare_data
     from mvfouls_ab.tracking import DEFAULT_LINGER_S, MLflowSink, RunTracker, wait_closed
     from mvfouls_ab.training.trainer import Trainer
 

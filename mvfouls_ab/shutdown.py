@@ -11,7 +11,7 @@ process is (stop now; the trial is still handed back, from its last checkpoint).
 sinks, it is called after the checkpoint is written and after the other sinks have the record.
 
 ``GracefulStop`` derives from KeyboardInterrupt, not Exception: code that swallows a failing sink's or step's
-Exception (TrainingMonitor, the trainer's OOM handling, Optuna's ``catch``) lets it through, and everything that
+Exception (tracking.sinks.TrainingMonitor, the trainer's OOM handling, Optuna's ``catch``) lets it through, and everything that
 cleans up on Ctrl-C cleans up on it too.
 """
 from __future__ import annotations

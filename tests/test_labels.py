@@ -237,6 +237,7 @@ def test_real_train_counts_kept_and_dropped_like_the_evaluator(tmp_path: Path) -
     assert_evaluator_agrees(tmp_path, gt, TRAIN_KEPT)
 
 
+@pytest.mark.slow
 def test_synthetic_train_split_is_filtered_like_the_evaluator(tmp_path: Path) -> None:
     from mvfouls_ab.data.synthetic import annotations_doc, generate, plan_split
 

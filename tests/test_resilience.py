@@ -23,11 +23,12 @@ from mlflow import MlflowClient
 from pg import free_port
 
 from mvfouls_ab import shutdown
-from mvfouls_ab import study as study_mod
 from mvfouls_ab import train as train_mod
+from mvfouls_ab.cli import study as study_cli
 from mvfouls_ab.errors import ConfigError, MVFoulsError, StudyError
+from mvfouls_ab.evaluation.metrics import DetailedMetrics
 from mvfouls_ab.fsutil import RUN_MARKER, atomic_write, check_removable, claim_run_folder, remove_run_folder
-from mvfouls_ab.metrics import DetailedMetrics
+from mvfouls_ab.orchestration import study as study_mod
 from mvfouls_ab.tracking import SPILL_NAME, RunLogger, RunTracker, make_client, replay_spill
 from mvfouls_ab.training import checkpoint as ckpt
 from mvfouls_ab.urls import redact, redact_text, without_password
@@ -159,7 +160,7 @@ def test_redaction_catches_every_encoding():
     f"nodb://postgres:{ENCODED}@127.0.0.1/x",
 ])
 def test_storage_errors_print_no_password(tmp_path, capsys, storage):
-    code = study_mod.main(["--trials", "1", "--out", str(tmp_path), "--storage", storage.format(port=free_port()),
+    code = study_cli.main(["--trials", "1", "--out", str(tmp_path), "--storage", storage.format(port=free_port()),
                            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     err = capsys.readouterr().err
     assert code == 2 and "StudyError" in err
@@ -169,14 +170,14 @@ def test_storage_errors_print_no_password(tmp_path, capsys, storage):
 
 def test_worker_children_get_passwords_through_the_environment():
     storage = f"postgresql+psycopg2://mvfouls:{ENCODED}@db.lan:5432/optuna"
-    args = study_mod.parse_args(["--storage", storage, "--tracking-uri", "http://127.0.0.1:5000", "--workers", "2"])
+    args = study_cli.parse_args(["--storage", storage, "--tracking-uri", "http://127.0.0.1:5000", "--workers", "2"])
     argv = study_mod._child_argv(args)
     assert not any(ENCODED in a or PASSWORD in a for a in argv) and "--storage" not in argv
     env = study_mod.child_env(args)
     assert env["MVFOULS_STORAGE"] == storage
     os.environ["MVFOULS_STORAGE"] = storage
     try:                                                # the child reads it back as its default
-        assert study_mod.parse_args([]).storage == storage
+        assert study_cli.parse_args([]).storage == storage
     finally:
         del os.environ["MVFOULS_STORAGE"]
 
@@ -187,6 +188,7 @@ def _dead_client():
     return make_client(f"http://127.0.0.1:{free_port()}")
 
 
+@pytest.mark.slow
 def test_spill_on_a_full_or_read_only_disk_keeps_the_operations(tmp_path, caplog, store):
     """An OSError while spilling (here: the spill folder is a file, ENOTDIR; the chaos run uses a full tmpfs) is
     logged once and the operations stay queued; the thread lives on and sends them when the server answers."""
@@ -252,6 +254,7 @@ def test_found_spill_is_replayed_first_never_overwritten_and_replay_is_idempoten
     assert not list(run_dir.glob("mlflow_spill*"))           # everything delivered, nothing left behind
 
 
+@pytest.mark.slow
 def test_only_a_missing_run_means_the_parent_is_gone(store):
     client = MlflowClient(store)
     run_id = client.create_run(client.create_experiment("p")).info.run_id
@@ -266,7 +269,7 @@ def test_only_a_missing_run_means_the_parent_is_gone(store):
 
 # ---- A/B experiments --------------------------------------------------------------------------------------------
 def test_experiment_names_are_validated(tmp_path):
-    from mvfouls_ab.abtest import load_experiment
+    from mvfouls_ab.orchestration.ab import load_experiment
 
     doc = (ROOT / "experiments" / "ab_seeds.yaml").read_text()
     for bad in ("../../x", "a/b", "x y", ".hidden"):
@@ -277,12 +280,13 @@ def test_experiment_names_are_validated(tmp_path):
             load_experiment(path)
 
 
+@pytest.mark.slow
 def test_ab_workers_racing_adopt_one_parent_and_one_run_per_arm(pg_url, store):
     """Four workers call ensure_parent_runs at once: one parent run and one run per arm survive (the others are
     deleted, none left RUNNING), and every worker got the same ids."""
     from mlflow.entities import ViewType
 
-    from mvfouls_ab.abtest import CellStore, ensure_parent_runs, load_experiment
+    from mvfouls_ab.orchestration.ab import CellStore, ensure_parent_runs, load_experiment
 
     experiment = load_experiment(ROOT / "experiments" / "ab_seeds.yaml", seeds=1, folds=2)
     tracking = store
@@ -365,6 +369,7 @@ def test_hand_back_enqueues_the_same_trial_and_does_not_use_up_retries(tmp_path)
 
 
 # ---- out of memory outside the training step ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_oom_degrades_batch_then_cpu_before_failing():
     """Fault injection: an evaluation that runs out of memory above 16 samples on the accelerator, or always on it."""
     from mvfouls_ab.oom import degrade, is_oom

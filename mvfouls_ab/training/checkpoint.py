@@ -29,7 +29,8 @@ BEST = "best.pt"
 
 
 # The dataclasses a checkpoint may hold, by tag (module:qualname). Nothing else is rebuilt from a file.
-SAFE_DATACLASSES = ("mvfouls_ab.metrics:DetailedMetrics", "mvfouls_ab.training.stability:Event")
+SAFE_DATACLASSES = ("mvfouls_ab.evaluation.metrics:DetailedMetrics", "mvfouls_ab.training.stability:Event")
+_MOVED = {"mvfouls_ab.metrics:DetailedMetrics": "mvfouls_ab.evaluation.metrics:DetailedMetrics"}   # older files
 _TAG = "__ckpt__"
 
 
@@ -80,9 +81,10 @@ def decode(obj: Any) -> Any:
         if tag == "path":
             return Path(obj["path"])
         if tag == "dataclass":
-            if obj["type"] not in SAFE_DATACLASSES:
+            name = _MOVED.get(obj["type"], obj["type"])
+            if name not in SAFE_DATACLASSES:
                 raise TypeError(f"checkpoint names a class that is not allowed: {obj['type']}")
-            module, _, qualname = obj["type"].partition(":")
+            module, _, qualname = name.partition(":")
             cls = getattr(importlib.import_module(module), qualname)
             return cls(**{k: decode(v) for k, v in obj["fields"].items()})
         raise TypeError(f"unknown checkpoint tag {tag!r}")

@@ -97,16 +97,12 @@ class Trainer:
         self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                                    else "cpu")
         self.amp = cfg.amp and self.device.type == "cuda"
-        # Test-facing fault injection: step_hook(context, loss) -> loss for every training step; eval_hook(context)
-        # before every evaluation batch (a test raises torch.OutOfMemoryError there).
-        self.step_hook: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] | None = None
-        self.eval_hook: Callable[[dict[str, Any]], None] | None = None
         self.eval_batch = EVAL_FEATURES            # evaluation batch; halved (and kept) on out-of-memory
 
     # =====================================================================================================
     def run(self) -> RunResult:
         from ..data.dataset import resolve_frame_size
-        from ..monitoring import TrainingMonitor
+        from ..tracking.sinks import TrainingMonitor
 
         self.cfg = cfg = resolve_frame_size(self.cfg, self.data)   # frame_size 0: the clips' native size
         if cfg.threads > 0:
@@ -154,19 +150,43 @@ class Trainer:
             self.monitor.close()
 
     def _train(self, start_phase: int, start_epoch: int, state: dict[str, Any] | None) -> RunResult:
+        """The loop. Phases are data (phases.py); one epoch = sample, step, evaluate, record. An epoch the guard
+        rejects (NaN or spiking loss, out of memory) is rolled back to the snapshot taken before it and repeated
+        (with a lower LR, a smaller batch or a simpler variant: _recover)."""
         for pi in range(start_phase, len(self.plan)):
             spec = self.plan[pi]
-            resuming_phase = state is not None and pi == start_phase and start_epoch > 0
-            if not resuming_phase:
+            first = start_epoch if state is not None and pi == start_phase else 0   # resumed mid-phase
+            if first == 0:
                 self._setup_phase(spec)
                 self.optimizer, self.scheduler = self._make_optimizer(spec)
-                first = 0
-            else:
-                first = start_epoch
             for e in range(first, spec.epochs):
                 self.global_epoch += 1
-                record = self._run_epoch(pi, spec, e)   # DetailedMetrics: epoch = e (in phase), step = global
-                self.history.append(record)
+                self.guard.begin_epoch(self.global_epoch)
+                while True:
+                    snapshot = self._snapshot()
+                    t0 = time.perf_counter()
+                    try:
+                        order = self._epoch_order(spec, e)                                    # sample
+                        train_loss, grad_norm, n_seen = self._train_epoch(spec, order)        # step
+                    except _Diverged as div:
+                        self._recover(spec, e, div.events[0].kind, snapshot)
+                        continue
+                    except Exception as exc:
+                        if not is_oom(exc):
+                            raise
+                        self._recover_oom(exc, snapshot)
+                        continue
+                    elapsed = time.perf_counter() - t0
+                    val_logits, val_loss = self._predict(self.sources["valid"], with_loss=True)   # evaluate
+                    events = self._check_epoch(val_logits, val_loss, train_loss)
+                    if self.guard.needs_rollback(events):
+                        self._recover(spec, e, events[0].kind, snapshot)
+                        continue
+                    self._respond(spec, events)
+                    break
+                record = self._record(spec, e, val_logits, train_loss, val_loss, grad_norm, n_seen, elapsed)
+                self.scheduler_step()
+                self.history.append(record)                                                   # record
                 self._update_best(record)
                 self._save_checkpoint(pi, e + 1)
                 self.monitor.log(record)   # may raise optuna.TrialPruned: the checkpoint is already written
@@ -174,43 +194,34 @@ class Trainer:
                     raise shutdown.GracefulStop(f"stopped after epoch {self.global_epoch} ({self.run_dir})")
         return self._finish()
 
-    # ---- one epoch, guarded -------------------------------------------------------------------------
-    def _run_epoch(self, pi: int, spec: PhaseSpec, e: int) -> Any:
-        guard = self.guard
-        guard.begin_epoch(self.global_epoch)
-        while True:
-            snapshot = (ckpt.cpu_state_dict(self.model), ckpt.cpu_state_dict(self.optimizer),
-                        self._sched_state())
-            t0 = time.perf_counter()
-            try:
-                train_loss, grad_norm, n_seen = self._train_epoch(spec, e)
-            except _Diverged as div:
-                self._recover(spec, e, div.events[0].kind, snapshot)
-                continue
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                guard.on_oom(exc)
-                self._restore_snapshot(snapshot)
-                continue
-            elapsed = time.perf_counter() - t0
-            val_logits, val_loss = self._predict(self.sources["valid"], with_loss=True)
-            recalls = self._recalls(val_logits, self.sources["valid"].targets)
-            subset = (len(self.epoch_subset), hash(self.epoch_subset.tobytes()))
-            events = guard.end_epoch(val_loss, train_loss, recalls,
-                                     subset_changed=self.last_subset is not None and subset != self.last_subset)
-            if guard.needs_rollback(events):
-                self._recover(spec, e, events[0].kind, snapshot)
-                continue
+    # ---- the guard's checks and responses ------------------------------------------------------------
+    def _snapshot(self) -> tuple:
+        """The state an epoch starts from (model, optimizer, scheduler), restored when the epoch is rolled back."""
+        return ckpt.cpu_state_dict(self.model), ckpt.cpu_state_dict(self.optimizer), self._sched_state()
+
+    def _check_epoch(self, val_logits: dict[str, np.ndarray], val_loss: float, train_loss: float) -> list[Event]:
+        """The guard's end-of-epoch checks (loss spike, class collapse); a changed training subset (curriculum) is
+        not a spike."""
+        recalls = self._recalls(val_logits, self.sources["valid"].targets)
+        subset = (len(self.epoch_subset), hash(self.epoch_subset.tobytes()))
+        changed = self.last_subset is not None and subset != self.last_subset
+        events = self.guard.end_epoch(val_loss, train_loss, recalls, subset_changed=changed)
+        if not self.guard.needs_rollback(events):
             self.last_subset = subset
-            for ev in events:
-                if ev.kind == "class_collapse" and self.cfg.collapse_response:
-                    self._boost_class(spec, ev)
-            record = self._record(spec, e, val_logits, train_loss, val_loss, grad_norm, n_seen, elapsed)
-            self.scheduler_step()
-            return record
+        return events
+
+    def _respond(self, spec: PhaseSpec, events: list[Event]) -> None:
+        for ev in events:
+            if ev.kind == "class_collapse" and self.cfg.collapse_response:
+                self._boost_class(spec, ev)
+
+    def _recover_oom(self, exc: BaseException, snapshot: tuple) -> None:
+        """Out of memory in a training step: the guard halves the batch (grad_accum keeps the effective batch);
+        the epoch restarts from its snapshot."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.guard.on_oom(exc)
+        self._restore_snapshot(snapshot)
 
     def _recover(self, spec: PhaseSpec, e: int, reason: str, snapshot: tuple) -> None:
         events = self.guard.recover(reason)
@@ -276,9 +287,10 @@ class Trainer:
                           weight_min=lowest)
 
     # ---- training ------------------------------------------------------------------------------------
-    def _train_epoch(self, spec: PhaseSpec, e: int) -> tuple[float, float, int]:
+    def _train_epoch(self, spec: PhaseSpec, order: np.ndarray) -> tuple[float, float, int]:
+        """One pass over ``order`` (indices into the pool source): forward, loss, backward, an optimizer step every
+        grad_accum batches; the guard checks every step. Returns (mean loss, mean grad norm, samples seen)."""
         cfg, guard, model = self.cfg, self.guard, self.model
-        order = self._epoch_order(spec, e)
         bs, accum = guard.batch_size, guard.grad_accum
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,9 +304,6 @@ class Trainer:
             with torch.autocast(self.device.type, enabled=self.amp):
                 out = forward(model)
                 loss, _ = multitask_loss(self.losses, {t: out[t].float() for t in TASKS}, y, cfg)
-            if self.step_hook is not None:
-                loss = self.step_hook({"phase": spec.number, "epoch": self.global_epoch, "step": guard.step,
-                                       "batch_size": bs, "variant": self.variant}, loss)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise _Diverged(guard.check_step(value))
@@ -355,8 +364,6 @@ class Trainer:
             try:
                 outs: dict[str, list[torch.Tensor]] = {t: [] for t in TASKS}
                 for forward in src.eval_batches(bs, dev):
-                    if self.eval_hook is not None:
-                        self.eval_hook({"what": src.name, "batch_size": bs, "device": dev.type})
                     with torch.autocast(dev.type, enabled=self.amp and dev.type == "cuda"):
                         o = forward(model)
                     for t in TASKS:
@@ -387,7 +394,7 @@ class Trainer:
 
     def _record(self, spec: PhaseSpec, e: int, val_logits: dict[str, np.ndarray], train_loss: float, val_loss: float,
                 grad_norm: float, n_seen: int, elapsed: float) -> Any:
-        from ..metrics import compute_detailed_metrics
+        from ..evaluation.metrics import compute_detailed_metrics
 
         events = [ev.to_dict() for ev in self.guard.epoch_events(self.global_epoch)]
         return compute_detailed_metrics(
@@ -584,7 +591,7 @@ class Trainer:
 
     # ---- final predictions ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
-        from ..evaluate import detailed_report, write_predictions
+        from ..evaluation.official import detailed_report, write_predictions
         from ..models.variants import count_parameters
         from .losses import choose_tau, posthoc_adjust
 
