@@ -19,7 +19,6 @@ The loop never asks which feature mode it is in: a Source yields (forward thunk,
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -38,7 +37,7 @@ from torch import nn
 from .. import labels, oom, shutdown
 from ..config import TrainingConfig
 from ..errors import MVFoulsError, located
-from ..fsutil import atomic_write, atomic_write_jsonl, claim_run_folder, json_default
+from ..fsutil import atomic_write, atomic_write_jsonl, claim_run_folder
 from ..models.variants import has_levels
 from . import checkpoint as ckpt
 from .losses import multitask_loss
@@ -591,11 +590,11 @@ class Trainer:
 
     # ---- final predictions ---------------------------------------------------------------------------
     def _finish(self) -> RunResult:
-        from ..evaluation.official import detailed_report, write_predictions
+        """The deployed model (the top checkpoints' mean logits), its prediction files and official scores
+        (finalize.py), the RunResult."""
         from ..models.variants import count_parameters
-        from .losses import choose_tau, posthoc_adjust
+        from .finalize import deploy, write_summary
 
-        cfg = self.cfg
         splits = {"valid": self.sources["valid"], "test": self.sources["test"]}
         if self.sources.get("chall") is not None:
             splits["chall"] = self.sources["chall"]
@@ -609,41 +608,20 @@ class Trainer:
         for name, src in splits.items():
             per_model = [self._predict(src, model=m)[0] for m in models]
             raw[name] = {t: np.mean([p[t] for p in per_model], axis=0) for t in TASKS}
-        # Class prior of Train, Laplace-smoothed so a class absent from Train gets a finite adjustment.
-        prior = {t: (self.train_counts[t] + 1.0) / (self.train_counts[t].sum() + len(self.train_counts[t]))
-                 for t in TASKS}
-        taus = {t: 0.0 for t in TASKS}
-        if cfg.posthoc_adjust:
-            grid = np.arange(0.0, cfg.posthoc_tau_max + 1e-9, 0.25)
-            for t in TASKS:
-                taus[t] = float(choose_tau(raw["valid"][t], splits["valid"].targets[t], prior[t], grid))
-        final = {name: {t: _numpy(posthoc_adjust(lg[t], prior[t], taus[t])) for t in TASKS}
-                 for name, lg in raw.items()}
-        predictions, official, per_class = {}, {}, {}
-        for name, src in splits.items():
-            path = self.run_dir / f"predictions_{name}.json"
-            write_predictions(path, src.action_ids, final[name]["action"].argmax(1), final[name]["severity"].argmax(1))
-            predictions[name] = path
-            if src.annotations_path is not None:   # scored from the file, as the official evaluator does
-                report = detailed_report(src.annotations_path, path)
-                official[name] = report["metrics"]
-                per_class[name] = {t: report["tasks"][t]["recall"] for t in TASKS}
-        summary = {"best_epoch": self.top[0]["epoch"], "ensemble": [e["epoch"] for e in self.top], "taus": taus,
-                   "variant": self.variant, "official": official, "per_class_recall": per_class}
-        atomic_write(self.run_dir / "official_metrics.json", json.dumps(summary, indent=2, default=json_default))
+        out = deploy(self.cfg, raw, splits, self.train_counts, self.run_dir)
+        write_summary(self.run_dir, {"best_epoch": self.top[0]["epoch"], "ensemble": [e["epoch"] for e in self.top],
+                                     "taus": out.taus, "variant": self.variant, "official": out.official,
+                                     "per_class_recall": out.per_class_recall})
         best = next(r for r in self.history if r.step + 1 == self.top[0]["epoch"])
         return RunResult(best=best, history=self.history, checkpoint=Path(self.top[0]["path"]),
-                         predictions=predictions, official=official, per_class_recall=per_class, logits=final,
-                         taus=taus, events=[e.to_dict() for e in self.guard.events], run_dir=self.run_dir,
-                         variant=self.variant, parameters=count_parameters(self.model),
+                         predictions=out.predictions, official=out.official, per_class_recall=out.per_class_recall,
+                         logits=out.logits, taus=out.taus, events=[e.to_dict() for e in self.guard.events],
+                         run_dir=self.run_dir, variant=self.variant, parameters=count_parameters(self.model),
                          extras={"backbone_weights": self.inputs.weights, "feature_key": self.inputs.feature_key,
                                  "feature_norm": self.inputs.feature_norm,
                                  "ensemble": [Path(e["path"]) for e in self.top],
                                  "train_counts": {t: c.tolist() for t, c in self.train_counts.items()},
                                  "representation": self.inputs.representation})
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def transfer_weights(old: nn.Module, new: nn.Module) -> int:
