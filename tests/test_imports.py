@@ -61,3 +61,19 @@ def test_no_import_cycle():
     assert "mvfouls_ab.data.synthetic" not in graph["mvfouls_ab.data.dataset"]
     assert not {m for m in graph["mvfouls_ab.data.synthetic"] if m.startswith("mvfouls_ab.data.")} - {
         "mvfouls_ab.data.video"}
+
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(PACKAGE)): p.read_text() for p in PACKAGE.rglob("*.py")}
+
+
+def test_only_the_commands_parse_arguments():
+    """Library modules take config objects (TrainingConfig, StudyConfig, TrainOptions, ...), never a Namespace."""
+    assert [name for name, text in _sources().items()
+            if "argparse" in text and not name.startswith("cli/")] == []
+
+
+def test_one_storage_factory_and_one_worker_launcher():
+    sources = _sources()
+    assert [n for n, t in sources.items() if "RDBStorage(" in t] == ["orchestration/storage.py"]
+    assert [n for n, t in sources.items() if "subprocess.Popen(" in t] == ["orchestration/workers.py"]
