@@ -62,7 +62,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import yaml
@@ -75,6 +75,11 @@ from ..fsutil import atomic_path, atomic_write, jsonable
 from ..labels import CLASS_SLUGS, TASKS
 from . import stats, workers
 from .storage import DEFAULT_STORAGE, open_storage
+
+if TYPE_CHECKING:
+    from ..data.dataset import DataBundle
+    from ..training.trainer import RunResult
+
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +337,7 @@ def inner_split(action: np.ndarray, severity: np.ndarray, seed: int, fold: int) 
     return fold_assignment(action, severity, n_inner, inner_seed(seed, fold)) == 0
 
 
-def fold_bundle(data: Any, n_folds: int, seed: int, fold: int, folder: Path | str) -> Any:
+def fold_bundle(data: DataBundle, n_folds: int, seed: int, fold: int, folder: Path | str) -> DataBundle:
     """The DataBundle of one cell, for nested selection: Train+Valid re-partitioned into k folds; fold `fold` is
     held out as Test (what the cell is scored on); the other folds are split into Train and an inner Valid (what
     the trainer selects its epoch and post-hoc tau on). The original Test is not used by a cell."""
@@ -355,7 +360,7 @@ def fold_bundle(data: Any, n_folds: int, seed: int, fold: int, folder: Path | st
     return dataclasses.replace(data, train=parts["Train"], valid=parts["Valid"], test=parts["Test"])
 
 
-def prefill_fold_features(cfg: TrainingConfig, data: Any, fold_data: Any) -> None:
+def prefill_fold_features(cfg: TrainingConfig, data: DataBundle, fold_data: DataBundle) -> None:
     """Frozen mode: write each fold split's feature file by slicing the cached Train/Valid embeddings.
 
     The feature cache is keyed by a split's exact action list, so every fold split would otherwise run the
@@ -553,7 +558,7 @@ def cell_dir(out: Path, cell: Cell) -> Path:
     return Path(out) / "cells" / f"{cell.arm}-{cell.config_hash}" / f"k{cell.folds}_seed{cell.seed}_fold{cell.fold}"
 
 
-def cell_attrs(result: Any, scored: Any, efficiency: Mapping[str, float]) -> dict[str, Any]:
+def cell_attrs(result: RunResult, scored: Any, efficiency: Mapping[str, float]) -> dict[str, Any]:
     """What the verdicts and the report need from one finished cell (JSON, a few KB).
 
     `scored`: the held-out fold's DetailedMetrics of the deployed predictions (scored_record); `result.best`:
@@ -585,7 +590,7 @@ def cell_attrs(result: Any, scored: Any, efficiency: Mapping[str, float]) -> dic
     }
 
 
-def scored_record(result: Any, bundle: Any) -> Any:
+def scored_record(result: RunResult, bundle: DataBundle) -> Any:
     """DetailedMetrics (split `heldout`) of the held-out fold from the predictions the cell would deploy.
 
     result.logits["test"] are the trainer's final logits of its Test split, i.e. the held-out fold: the
@@ -692,7 +697,7 @@ class CellResources:
             self.values["system/cuda_max_mb"] = torch.cuda.max_memory_allocated() / (1024 * 1024)
 
 
-def warm_inputs(cfg: TrainingConfig, data: Any, bundle: Any) -> None:
+def warm_inputs(cfg: TrainingConfig, data: DataBundle, bundle: DataBundle) -> None:
     """Build the inputs cells share before a cell's clock starts: the learned representation of its Train
     (feature_mode=learned) and the cached embeddings of its splits (learned / frozen). They are cached on disk by
     content, so whichever arm reached a (seed, fold) first would otherwise pay for every arm, and `system/wall_s`
@@ -715,7 +720,7 @@ def warm_inputs(cfg: TrainingConfig, data: Any, bundle: Any) -> None:
         load_features(feat_cfg, split, bundle.cache, progress=False)
 
 
-def run_cell(experiment: Experiment, cell: Cell, data: Any, out: Path, tracking_uri: str | None,
+def run_cell(experiment: Experiment, cell: Cell, data: DataBundle, out: Path, tracking_uri: str | None,
              arm_run_id: str | None) -> tuple[float, dict[str, Any]]:
     """Train one cell (resuming from its folder's checkpoint) and return (held-out leaderboard, attributes)."""
     from ..fsutil import claim_run_folder
@@ -773,7 +778,7 @@ class WorkerSummary:
 
 
 def run_worker(experiment: Experiment, storage_url: str = DEFAULT_STORAGE, tracking_uri: str | None = None,
-               out: Path | str | None = None, max_cells: int | None = None, data: Any = None,
+               out: Path | str | None = None, max_cells: int | None = None, data: DataBundle = None,
                echo=print) -> WorkerSummary:
     """Enqueue what is missing, then claim and run cells until none is waiting (or max_cells ran)."""
     out = Path(out or Path("runs") / "ab" / experiment.name)

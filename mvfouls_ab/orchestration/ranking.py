@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,13 @@ from ..evaluation.official import detailed_report
 from ..evaluation.targets import TARGETS, Target  # noqa: F401 - re-exported (notebooks, study)
 from ..fsutil import atomic_write, json_default
 from ..labels import CLASS_SLUGS, TASKS
+
+if TYPE_CHECKING:
+    import optuna
+
+    from ..data.dataset import DataBundle
+    from ..training.trainer import RunResult
+
 
 
 def split_summary(report: dict[str, Any], loss: float | None) -> dict[str, Any]:
@@ -51,7 +58,7 @@ def split_summary(report: dict[str, Any], loss: float | None) -> dict[str, Any]:
     return out
 
 
-def trial_summary(result: Any, data: Any) -> dict[str, dict[str, Any]]:
+def trial_summary(result: RunResult, data: DataBundle) -> dict[str, dict[str, Any]]:
     """Targets' inputs on Valid and Test, scored from the trial's official prediction files."""
 
     out = {}
@@ -84,7 +91,7 @@ def constraint_values(split: dict[str, Any] | None) -> list[float]:
 
 
 # ---- the leaderboard ----------------------------------------------------------------------------------------
-def leaderboard(study: Any) -> pd.DataFrame:
+def leaderboard(study: optuna.Study) -> pd.DataFrame:
     """One row per finished trial (COMPLETE or PRUNED), targets-met first, then by Valid leaderboard value."""
     from optuna.trial import TrialState
 
@@ -122,7 +129,7 @@ def best_trial_number(df: pd.DataFrame) -> int | None:
     return None if complete.empty else int(complete.iloc[0]["trial"])
 
 
-def rescore_on_test(study: Any, trial_number: int, out_dir: Path | str) -> dict[str, Any]:
+def rescore_on_test(study: optuna.Study, trial_number: int, out_dir: Path | str) -> dict[str, Any]:
     """Score the trial's official Test prediction file with the official metric; keep a copy in out_dir."""
     from ..evaluation.official import detailed_report
 
@@ -169,7 +176,7 @@ def format_test(result: dict[str, Any]) -> str:
             f"{100 * s['worst_class_recall']:.1f}%\n  {marks}\n  prediction file: {result['predictions']}")
 
 
-def save_ranking(study: Any, out_dir: Path | str, tracker: Any | None = None) -> dict[str, Any]:
+def save_ranking(study: optuna.Study, out_dir: Path | str, tracker: Any | None = None) -> dict[str, Any]:
     """Leaderboard CSV + Test re-score of the best trial in out_dir; both logged to the parent run if given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

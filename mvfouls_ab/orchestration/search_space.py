@@ -4,12 +4,16 @@ only copy; experiments/search_space_gpu.yaml for ``--profile gpu``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..config import FIELD_TYPES, TrainingConfig, coerce
 from ..errors import ConfigError, StudyError, located
+
+if TYPE_CHECKING:
+    import optuna
+
 
 SEARCH_SPACE_FILE = "search_space.yaml"
 # A profile's own default search space (--search-space overrides it); the other profiles use SEARCH_SPACE_FILE.
@@ -90,7 +94,7 @@ def load_search_space(path: str | Path | None) -> dict[str, Any]:
     return validate_search_space(data, str(p))
 
 
-def suggest(trial: Any, space: dict[str, Any], base: TrainingConfig | None = None) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, space: dict[str, Any], base: TrainingConfig | None = None) -> dict[str, Any]:
     """TrainingConfig overrides for one trial: fixed values, then each parameter whose 'when' holds."""
     base = base or TrainingConfig()
     values = dict(space["fixed"])

@@ -39,7 +39,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import shutdown
 from ..config import PROFILES, TrainingConfig
@@ -62,6 +62,13 @@ from . import ranking, workers
 from .search_space import default_file, load_search_space, max_epochs, suggest
 from .storage import DEFAULT_STORAGE, check_storage_url, open_storage
 from .train import log_finished_run
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from ..data.dataset import DataBundle
+
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,7 @@ class StudyConfig:
 
 
 # ---- Optuna pieces ------------------------------------------------------------------------------------------
-def retry_trial(study: Any, frozen: Any, graceful: bool = False, max_retry: int | None = None) -> bool:
+def retry_trial(study: optuna.Study, frozen: FrozenTrial, graceful: bool = False, max_retry: int | None = None) -> bool:
     """Enqueue a WAITING copy of a failed trial: same params, user attributes (its run folder and MLflow run id) and
     intermediate values, with the system attributes of Optuna's RetryHeartbeatStaleTrialCallback (``failed_trial``,
     ``retry_history``), so the retry finds the original's run folder (trial_run_dir) and continues its MLflow run.
@@ -119,11 +126,11 @@ class StaleTrialRetry:
     def __init__(self, max_retry: int | None = 3) -> None:
         self.max_retry = max_retry
 
-    def __call__(self, study: Any, trial: Any) -> None:
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         retry_trial(study, trial, graceful=False, max_retry=self.max_retry)
 
 
-def hand_back(study: Any, trial_id: int | None) -> int | None:
+def hand_back(study: optuna.Study, trial_id: int | None) -> int | None:
     """Give a trial this worker was running back to the study (after a stop signal): it is marked FAIL (if Optuna
     has not done so) and a retry with the same parameters is enqueued, which the next free worker takes first and
     resumes from the trial's last checkpoint in the same MLflow run. Returns the handed-back trial's number, or None
@@ -168,7 +175,7 @@ def make_sampler(seed: int, worker: int = 0):
                                           n_startup_trials=10)
 
 
-def set_constraints(trial: Any, valid: dict[str, Any]) -> None:
+def set_constraints(trial: optuna.Trial, valid: dict[str, Any]) -> None:
     """The design's targets on Valid as Optuna constraints (<= 0 feasible), read by TPESampler's feasibility split."""
     for target, value in zip(ranking.TARGETS, ranking.constraint_values(valid)):
         trial.set_constraint(target.name, value)
@@ -177,7 +184,7 @@ def set_constraints(trial: Any, valid: dict[str, Any]) -> None:
 class OptunaSink:
     """Sink: reports the Valid leaderboard (percent) every epoch and raises optuna.TrialPruned when told to."""
 
-    def __init__(self, trial: Any) -> None:
+    def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
 
     def log(self, record: Any) -> None:
@@ -204,7 +211,7 @@ class StudyContext:
     out: Path
     tracking_uri: str
     parent_run_id: str | None
-    data: Any
+    data: DataBundle
     fingerprint: str
     commit: str
     quiet: bool = False
@@ -213,7 +220,7 @@ class StudyContext:
     current_trial: int | None = None       # the trial id this worker runs (handed back on a stop signal)
 
 
-def trial_run_dir(ctx: StudyContext, trial: Any) -> tuple[Path, int | None]:
+def trial_run_dir(ctx: StudyContext, trial: optuna.Trial) -> tuple[Path, int | None]:
     """<out>/trial_<n>, where n is the original trial's number for a retried trial (so it finds the checkpoint)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
@@ -225,7 +232,7 @@ def trial_run_dir(ctx: StudyContext, trial: Any) -> tuple[Path, int | None]:
     return ctx.out / f"trial_{(root if root is not None else trial.number):04d}", root
 
 
-def objective(trial: Any, ctx: StudyContext) -> float:
+def objective(trial: optuna.Trial, ctx: StudyContext) -> float:
     """One trial: the full trainer with the sampled config, logged to its MLflow child run; returns the Valid
     leaderboard. The run's last sends (metrics, figures, artifacts, status) finish in a closing thread while the
     next trial trains: call `wait_closed()` before reading the run (run() does)."""
@@ -332,7 +339,7 @@ def _retire_run(tracker: RunTracker, ctx: StudyContext, old_run_id: str, trial_n
     old.end("KILLED", wait=False)
 
 
-def _late_run_id(trial: Any, tracker: RunTracker) -> None:
+def _late_run_id(trial: optuna.Trial, tracker: RunTracker) -> None:
     if tracker.run_id and trial.user_attrs.get("mlflow_run_id") != tracker.run_id:
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
 
@@ -381,7 +388,7 @@ def prepare_data(cfg: TrainingConfig, tracking_uri: str | None = None, experimen
     return data
 
 
-def parent_run(study: Any, args: StudyConfig, ctx_tags: dict[str, Any]) -> RunTracker:
+def parent_run(study: optuna.Study, args: StudyConfig, ctx_tags: dict[str, Any]) -> RunTracker:
     """The study's parent run: created once and linked from the study's user attrs; joined by later workers."""
     from ..tracking import make_client
 
@@ -444,7 +451,7 @@ def wait_for_parent_run(args: StudyConfig) -> str:
     return line
 
 
-def log_study_plots(study: Any, tracker: RunTracker) -> None:
+def log_study_plots(study: optuna.Study, tracker: RunTracker) -> None:
     """Optuna's history, parameter importances and parallel coordinates as plotly HTML on the parent run."""
     import optuna.visualization as vis
 
@@ -457,7 +464,7 @@ def log_study_plots(study: Any, tracker: RunTracker) -> None:
             log.info("optuna plot %s skipped: %s", name, exc)
 
 
-def finished_count(study: Any) -> int:
+def finished_count(study: optuna.Study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
@@ -573,7 +580,7 @@ def run(args: StudyConfig, extra_sinks: list[Any] | None = None) -> dict[str, An
     return {"study": study, "elapsed": elapsed, **saved}
 
 
-def stopped(study: Any, ctx: StudyContext, tracker: RunTracker, procs: list[subprocess.Popen],
+def stopped(study: optuna.Study, ctx: StudyContext, tracker: RunTracker, procs: list[subprocess.Popen],
             coordinator: bool) -> None:
     """After a stop signal: hand the current trial back, let the runs and the started workers finish sending."""
     number = None
@@ -587,7 +594,7 @@ def stopped(study: Any, ctx: StudyContext, tracker: RunTracker, procs: list[subp
     tracker.logger.close(5.0)     # the parent run stays open: other workers (or a later start) carry on with it
 
 
-def recover_spills(study: Any, ctx: StudyContext, attempts: int = 60) -> int:
+def recover_spills(study: optuna.Study, ctx: StudyContext, attempts: int = 60) -> int:
     """Replay the spill files of trials that no worker will touch again (finished, or failed with a finished
     retry): a worker that ended before its last trial's run was fully sent (stopped, or killed while the server was
     down) leaves the rest there, and only a retry of a failed trial would find it. Spills of trials that are still
@@ -626,7 +633,7 @@ def recover_spills(study: Any, ctx: StudyContext, attempts: int = 60) -> int:
     return done
 
 
-def stop_when_requested(study: Any, trial: Any) -> None:
+def stop_when_requested(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna callback: after a stop signal, start no new trial."""
     if shutdown.requested():
         study.stop()
@@ -638,7 +645,7 @@ class FailureBudget:
     def __init__(self, limit: int) -> None:
         self.limit, self.failed = limit, 0
 
-    def __call__(self, study: Any, trial: Any) -> None:
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         from optuna.trial import TrialState
 
         if trial.state == TrialState.FAIL:
@@ -699,7 +706,7 @@ def _mlflow_command(uri: str, study_name: str) -> str:
             f"{experiment_url('http://127.0.0.1:5000', exp_id)}   (experiment {study_name!r})")
 
 
-def print_where_to_look(study: Any, args: StudyConfig, parent_run_id: str | None) -> None:
+def print_where_to_look(study: optuna.Study, args: StudyConfig, parent_run_id: str | None) -> None:
     """At the start: where the trials can be watched while they run."""
     print(f"study {study.study_name}: {finished_count(study)} finished trials so far; watch it in\n"
           f"  MLflow:  {_mlflow_command(args.tracking_uri, study.study_name)}  parent run {parent_run_id}\n"
@@ -713,7 +720,7 @@ class TrialLine:
     def __init__(self, until: int) -> None:
         self.until = until
 
-    def __call__(self, study: Any, trial: Any) -> None:
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         from optuna.trial import TrialState
 
         valid = (trial.user_attrs.get("summary") or {}).get("valid")
@@ -733,7 +740,7 @@ class TrialLine:
               f"{finished_count(study)}/{self.until} finished", flush=True)
 
 
-def register_best(study: Any, saved: dict[str, Any], args: StudyConfig, tracker: Any) -> dict[str, Any] | None:
+def register_best(study: optuna.Study, saved: dict[str, Any], args: StudyConfig, tracker: Any) -> dict[str, Any] | None:
     """Register the best trial's model (targets met first, the ranking's order) as ``mvfouls-<study>`` in the MLflow
     Model Registry with the alias ``champion``. A registry that cannot be reached is reported, not fatal."""
     from ..modelpack import CHAMPION_ALIAS, register_champion, registered_name
@@ -765,7 +772,7 @@ def register_best(study: Any, saved: dict[str, Any], args: StudyConfig, tracker:
             "run_id": run_id, "trial": best}
 
 
-def print_report(study: Any, saved: dict[str, Any], args: StudyConfig, out: Path, elapsed: float) -> None:
+def print_report(study: optuna.Study, saved: dict[str, Any], args: StudyConfig, out: Path, elapsed: float) -> None:
     print(f"\nstudy {study.study_name}: {finished_count(study)} finished trials, {elapsed / 60:.1f} min")
     print(ranking.format_leaderboard(saved["frame"]))
     print(ranking.format_test(saved["test"]))

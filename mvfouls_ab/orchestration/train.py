@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import shutdown
 from ..config import TrainingConfig
@@ -28,6 +28,11 @@ from ..tracking import (
 )
 from ..tracking.sinks import ConsoleSink, checkpointed_records
 from . import ranking
+
+if TYPE_CHECKING:
+    from ..data.dataset import DataBundle
+    from ..training.trainer import RunResult
+
 
 RUN_ID_FILE = "mlflow_run.json"      # the run folder's MLflow run: a resumed folder continues the same run
 
@@ -48,7 +53,7 @@ def run_folder(cfg: TrainingConfig, opts: TrainOptions) -> Path:
     return Path(opts.out) if opts.out else Path("runs") / f"{opts.name}-seed{cfg.seed}"
 
 
-def train(cfg: TrainingConfig, opts: TrainOptions) -> Any:
+def train(cfg: TrainingConfig, opts: TrainOptions) -> RunResult:
     """Load the data, train (resuming the run folder), log everything to MLflow; returns the RunResult."""
     from ..data.dataset import load_data, resolve_frame_size
     from ..training.phases import phase_plan
@@ -83,7 +88,7 @@ def train(cfg: TrainingConfig, opts: TrainOptions) -> Any:
     return result
 
 
-def start_tracking(opts: TrainOptions, cfg: TrainingConfig, data: Any, out: Path, plan: Any
+def start_tracking(opts: TrainOptions, cfg: TrainingConfig, data: DataBundle, out: Path, plan: Any
                    ) -> tuple[RunTracker, MLflowSink]:
     """The run's MLflow run (created, or the run folder's own when it is resumed), as a trial's: params, tags,
     a sink for the epochs; epochs a killed earlier invocation checkpointed but did not send are backfilled."""
@@ -126,7 +131,7 @@ def start_tracking(opts: TrainOptions, cfg: TrainingConfig, data: Any, out: Path
     return tracker, sink
 
 
-def log_finished_run(tracker: RunTracker, sink: MLflowSink, cfg: TrainingConfig, result: Any, data: Any,
+def log_finished_run(tracker: RunTracker, sink: MLflowSink, cfg: TrainingConfig, result: RunResult, data: DataBundle,
                      run_dir: Path, source: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What a finished run logs, a train run's and a study trial's alike: the best epoch, prediction files,
     checkpoint, the run's MLflow model (runs:/<id>/model, and run_dir/mlflow_model), summary metrics on Valid and

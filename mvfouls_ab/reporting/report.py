@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,10 @@ from .figures import (
     per_class_figure,
     targets_figure,
 )
+
+if TYPE_CHECKING:
+    import optuna
+
 
 TARGETS = TARGET_LINES      # the design's targets (evaluation/targets.py) under the metric names the report reads
 BOARD = metric_name("val", "leaderboard")   # the leaderboard's key in the values the figures and target tables read
@@ -262,7 +266,7 @@ def write_experiment_report(name: str, storage: str, out: Path | str, tracking_u
 
 
 # ---- HPO study report ---------------------------------------------------------------------------------------
-def study_report_html(study: Any, top: int = 5) -> str:
+def study_report_html(study: optuna.Study, top: int = 5) -> str:
     """The study's best COMPLETE trials: their Valid summary (study.py's `summary` user attribute) against the
     targets, per-class recall, and -- from each trial's run folder when this machine has it (metrics.jsonl,
     events.jsonl) -- the best epoch's confusion matrices, learning curves and stability events; without the folder

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ from .phases import PhaseSpec, phase_plan
 from .registry import check_registered
 from .sources import Source, Sources, build_sources
 from .stability import Event, StabilityGuard
+
+if TYPE_CHECKING:
+    from ..data.dataset import DataBundle
+
 
 TASKS = ("action", "severity")
 EVAL_FEATURES = 4096       # embeddings per evaluation batch (halved on out-of-memory)
@@ -82,7 +86,7 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainingConfig, data: Any, sinks: list[Any] | None = None,
+    def __init__(self, cfg: TrainingConfig, data: DataBundle, sinks: list[Any] | None = None,
                  run_dir: Path | str = "runs/run", resume: bool = True, progress: bool = True,
                  representation_log: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.cfg = check_registered(cfg)
