@@ -50,12 +50,12 @@ class TrainingConfig:
                                       # per-view embeddings are cached | frozen: embeddings of `weights` as they
                                       # are | end_to_end: clips through the backbone in every step
 
-    # ---- representation stage (feature_mode=learned; models/representation.py) -------------------------
+    # ---- representation stage (feature_mode=learned; training/representation.py) ----------------------
     rep_recipe: str = "balanced"      # plain | sqrt | balanced (class-balanced sampling) | inverse_weights
-    rep_epochs: int = 20
-    rep_lr: float = 2e-3              # Adam, cosine to 0 over the stage
-    rep_batch_size: int = 16          # actions per step (each with train_views views, one random frame each)
-    rep_width: int = 16               # frame2d channels of the first block (doubling per block)
+    rep_epochs: int = 12
+    rep_lr: float = 1e-3              # AdamW, cosine to 0 over the stage
+    rep_batch_size: int = 16          # actions per step (each with all its views, at the window's middle frame)
+    rep_width: int = 16               # frame2d channels of the first block (doubling per block; D = 4 x width)
     rep_weight_decay: float = 1e-4
     rep_seed: int = 0                 # the stage's seed (-1: the run seed); one stage serves every run seed
     rep_holdout: float = 0.15         # share of Train held out (stratified) for the stage's early stopping

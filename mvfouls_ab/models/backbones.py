@@ -25,7 +25,7 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 # Random ("none") weights are drawn from this fixed seed, independent of the run seed and without touching the
 # global RNG: a frozen random backbone is the same network in every run, so cached features are shared by all runs.
 BACKBONE_SEED = 1234
-BACKBONE_VERSION = "2"  # bump when a backbone's architecture or init changes (part of the feature-cache key)
+BACKBONE_VERSION = "3"  # bump when a backbone's architecture or init changes (part of the feature-cache key)
 
 
 def normalize_clips(clips: torch.Tensor) -> torch.Tensor:

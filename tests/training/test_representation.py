@@ -33,13 +33,16 @@ def test_frame2d_embeds_every_frame_and_takes_the_max_over_time():
     net.eval()
     clips = torch.randn(3, 3, 4, 32, 56)
     out = net(clips)
-    assert out.shape == (3, dim) == (3, 64)
+    assert out.shape == (3, dim) == (3, 32)
     per_frame = net.frames(clips.transpose(1, 2).reshape(12, 3, 32, 56)).view(3, 4, -1)
     assert torch.allclose(out, per_frame.amax(dim=1), atol=1e-6)
     # a frame-level change reaches the embedding only through the frames it touches
     changed = clips.clone()
     changed[0, :, 2] += 3.0
     assert not torch.allclose(net(changed)[0], out[0]) and torch.allclose(net(changed)[1:], out[1:], atol=1e-6)
+    # no batch statistics: in training mode too, a clip's embedding does not depend on the rest of its batch
+    net.train()
+    assert torch.allclose(net(clips[:1]), out[:1], atol=1e-5)
 
 
 def test_holdout_split_is_stratified_disjoint_and_deterministic():
