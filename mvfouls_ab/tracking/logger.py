@@ -135,6 +135,7 @@ class RunLogger:
         self._flush_upto = 0         # ops up to this count are sent without lingering
         self._stop = False
         self._spill_failed = False   # the last spill attempt raised OSError (logged once per streak)
+        self._write_ahead = False    # keep_until_sent(): pending operations stay in the spill file until sent
         self._found = self._adopt_spills()
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
         self._thread.start()
@@ -181,6 +182,14 @@ class RunLogger:
         with self._cond:
             return self._cond.wait_for(lambda: self._done >= self._submitted, timeout)
 
+    def keep_until_sent(self) -> None:
+        """Write-ahead for a run ended without waiting (RunTracker.end(wait=False): a study's next trial trains
+        while the last one's figures, artifacts and status are sent): from now on the thread keeps the pending
+        operations in the spill file until every one is sent, then deletes it. A worker killed meanwhile leaves
+        them for a replay (the study's recover_spills; replays are idempotent)."""
+        self._write_ahead = True
+        self._inbox.put(None)        # wake the thread: it writes the spill file before it sends anything else
+
     def close(self, timeout: float = 60.0) -> bool:
         ok = self.flush(timeout)
         self._stop = True
@@ -203,6 +212,7 @@ class RunLogger:
             return
         backoff = 0.25
         failing = False
+        ahead_written = False        # the spill file holds every pending operation (write-ahead)
         linger_until = None
         while True:
             if not self._pending:
@@ -215,6 +225,8 @@ class RunLogger:
             arrived = self._drain_inbox()
             if failing and arrived:
                 self._spill()
+            elif self._write_ahead and (arrived or not ahead_written):
+                ahead_written = self._spill()
             if self._pending[0]["op"] in METRIC_OPS:
                 if not failing:
                     if linger_until is None:
@@ -241,8 +253,8 @@ class RunLogger:
                 with self._cond:
                     self._done += op.get("ops", 1)
                     self._cond.notify_all()
-                if not self._pending and failing:
-                    failing = False
+                if not self._pending and (failing or self._write_ahead):
+                    failing = ahead_written = False
                     if self.spill_path and self.spill_path.exists():
                         with contextlib.suppress(OSError):
                             self.spill_path.unlink()    # everything in it has been delivered

@@ -135,6 +135,7 @@ class RunTracker:
         self.ended = True
         if wait:
             return self.logger.close(flush_timeout)
+        self.logger.keep_until_sent()    # a worker killed while the run is still sending leaves the rest on disk
         closing = threading.Thread(target=self.logger.close, args=(flush_timeout,), name="mlflow-close",
                                    daemon=True)
         closing.start()

@@ -346,6 +346,48 @@ def test_merged_metrics_are_spilled_and_replayed(mlflow_sqlite_server, tmp_path)
     assert {f"epoch_{i}.json" for i in range(5)} <= {a.path for a in client.list_artifacts(run_id)}
 
 
+# ---- a worker killed while a run ended without waiting is still sending ------------------------------------------
+KILLED_WHILE_CLOSING = """
+import os, sys, threading, time
+from pathlib import Path
+from mvfouls_ab.tracking import RunTracker, logger
+send = logger.execute
+def slow_send(client, op, state):      # the server takes its time with the run's last request
+    if op["op"] == "terminate":
+        threading.Event().wait()
+    return send(client, op, state)
+logger.execute = slow_send
+tracker = RunTracker("sqlite:///" + sys.argv[1], "killed", "trial", run_dir=Path(sys.argv[2]), linger_s=30.0)
+print(tracker.wait_run_id(60), flush=True)
+for step in range(3):
+    tracker.log_metrics({"val/loss": 1.0 / (step + 1)}, step=step)
+tracker.log_dict({"best": 2}, "best.json")
+tracker.end("FINISHED", wait=False)
+deadline = time.monotonic() + 30
+while not (Path(sys.argv[2]) / "mlflow_spill.jsonl").is_file() and time.monotonic() < deadline:
+    time.sleep(0.01)
+os._exit(0)                            # a SIGKILL, as far as the closing thread is concerned
+"""
+
+
+@pytest.mark.slow
+def test_a_run_ended_without_waiting_survives_a_killed_worker_on_disk(tmp_path):
+    """end(wait=False) writes the pending operations ahead to the run's spill file: a worker killed while the run
+    is still sending (the next trial trains meanwhile) leaves them for recover_spills, which finishes the run."""
+    db, run_dir = tmp_path / "m.db", tmp_path / "trial_0000"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_CLOSING, str(db), str(run_dir)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_id = proc.stdout.split()[0]
+    client = MlflowClient(f"sqlite:///{db}")
+    spill = run_dir / SPILL_NAME
+    assert spill.is_file()
+    replay_spill(spill, client=client)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [0, 1, 2]
+    assert "best.json" in {a.path for a in client.list_artifacts(run_id)}
+
+
 # ---- MLflow telemetry ------------------------------------------------------------------------------------------
 TELEMETRY_PROBE = """
 import json, os, sys, threading
