@@ -24,7 +24,7 @@ Other machines: `--host ADDR` publishes MLflow on ADDR; MLflow accepts the Host 
 (`--app-name basic-auth`) whenever ADDR is not a loopback address: user admin, password $MLFLOW_ADMIN_PASSWORD (or
 one generated into DIR/mlflow_admin_password); the workers get it in MLFLOW_TRACKING_USERNAME/PASSWORD.
 
-The command lines are built by the functions below; tests/test_compose.py checks that docker-compose.yml runs the
+The command lines are built by the functions below; tests/tracking/test_compose.py checks that docker-compose.yml runs the
 same ones (same program, same flags, same values up to host names and paths).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ HEALTH_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 
 
-# ---- the command lines (shared with docker-compose.yml, checked by tests/test_compose.py) ----------------------
+# ---- the command lines (shared with docker-compose.yml, checked by tests/tracking/test_compose.py) ----------------------
 def mlflow_server_command(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1",
                           port: int = 5000, allowed_hosts: str = ALLOWED_HOSTS, workers: int = 1,
                           app_name: str | None = None) -> list[str]:
