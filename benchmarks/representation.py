@@ -1,7 +1,8 @@
 """Representation-stage cost: frame2d training samples/s (forward + backward) and embedding clips/s on this CPU.
 
-A sample is one action of the stage: `train_views` views, one frame each (training/representation.py), so a step of
-`rep_batch_size` actions runs rep_batch_size x views frames through the CNN. Embedding a clip runs all of its
+A sample is one action of the stage: every view, at its window's middle frame (training/representation.py; 2.27
+views per action on average in the real Train, `--views 2` by default), so a step of `rep_batch_size` actions runs
+rep_batch_size x views frames through the CNN. Embedding a clip runs all of its
 window's frames (3 by default). Prints, per frame size and width, the figures and what they mean for a data set:
 the stage's minutes for 1,000 Train actions (and the real Train's 2,319) at `--epochs`, and embedding minutes per
 1,000 clips. Random inputs: the cost does not depend on the pixels.
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", default=["144x256", "224x398"], help="HEIGHTxWIDTH (native: 224p release 224x398, synthetic 144x256)")
     p.add_argument("--widths", type=int, nargs="+", default=[16])
     p.add_argument("--batch", type=int, default=defaults.rep_batch_size, help="actions per step")
-    p.add_argument("--views", type=int, default=defaults.train_views)
+    p.add_argument("--views", type=int, default=2, help="views (frames) per action in a training step")
     p.add_argument("--frames", type=int, default=defaults.num_frames, help="frames per clip when embedding")
     p.add_argument("--epochs", type=int, default=defaults.rep_epochs)
     p.add_argument("--repeats", type=int, default=5)

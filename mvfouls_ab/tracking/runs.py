@@ -23,19 +23,25 @@ from .provenance import context_tags
 log = logging.getLogger(__name__)
 
 def claim_run(study: Any, key: str, run_id: str, discard: Callable[[str], None] | None = None,
-              settle_s: float = 0.5) -> str:
+              settle_s: float = 1.0) -> str:
     """The one claim protocol for runs that several workers may create at the same time (the study's parent run,
     an A/B experiment's parent and arm runs): the run every one of them adopts is the first claim written.
 
     Each worker claims its new run under the same Optuna study user attribute ``key``, written only when absent;
     Optuna's RDB storage inserts an attribute once (a racing insert's IntegrityError is ignored), so the first
     claim stays. Only a claim that found the key absent microseconds before another's commit can overwrite it;
-    reading back after ``settle_s`` makes every worker see the last write. A loser passes its own run to
+    reading back after ``settle_s``, until two reads agree (a loaded machine can delay a racing write), makes every
+    worker see the last write. A loser passes its own run to
     ``discard`` (end and delete it), so no orphaned run is left RUNNING. Returns the winner's run id.
     """
     if key not in study.user_attrs:
         study.set_user_attr(key, run_id)
         time.sleep(settle_s)
+        for _ in range(5):
+            winner = study.user_attrs[key]
+            time.sleep(settle_s / 2)
+            if study.user_attrs[key] == winner:
+                break
     winner = study.user_attrs[key]
     if winner != run_id and discard is not None:
         with contextlib.suppress(Exception):     # best effort: the run is unused either way
