@@ -90,8 +90,7 @@ def render_view(action: int, severity: int, view: int, rng: np.random.Generator)
         img = np.roll(base, int(pan * t) % WIDTH, axis=1)
         dt = t - EVENT
         pos = start + vel * dt
-        boxes = [_player(img, *pos[k], kits[0 if k in (0,) else 1 if k == 1 else k % 2], zoom)
-                 for k in range(n_other + 2)][:2]
+        boxes = [_player(img, *pos[k], kits[k % 2], zoom) for k in range(n_other + 2)][:2]   # 0: offender
         if abs(dt) <= HALF:
             _glyph(img, ACTION_GLYPHS[action], boxes[0])
             if view > 0:

@@ -1,7 +1,7 @@
 """frame2d: a small 2D CNN applied to each frame of a view, for representations learned from scratch on a CPU.
 
 Input: normalized float clips [N, 3, T, H, W]; every frame goes through the same 2D CNN and the per-frame
-embeddings are max-pooled over time: [N, D]. Why this shape (measured; benchmarks/README.md, "Representation stage"):
+embeddings are max-pooled over time: [N, D]. Why this shape (measured; README.md, "Results"):
 - What tells fouls apart is small and spatial (a raised leg, an arm on an opponent, a mark on a shirt), so the
   network keeps detail: 3x3 convolutions at the clip's native frame size (frame_size 0), each followed by a ReLU and
   2x2 max-pooling (the strongest local response survives; a strided stem or early average pooling would alias or
@@ -10,7 +10,7 @@ embeddings are max-pooled over time: [N, D]. Why this shape (measured; benchmark
   wherever the foul happens. Averages over the frame describe the scene (pitch, kits, camera), which a model
   trained on a few hundred actions then memorises instead of the foul.
 - No normalization layers: with BatchNorm the same network fitted Train as fast but generalised worse on held-out
-  actions (benchmarks/README.md), and with none, embedding a clip does not depend on what else is in the batch.
+  actions (README.md, "Results"), and with none, embedding a clip does not depend on what else is in the batch.
 - The max over time lets the frame that shows the foul carry the class while the others are ignored.
 """
 from __future__ import annotations

@@ -22,6 +22,7 @@ from .provenance import context_tags
 
 log = logging.getLogger(__name__)
 
+
 def claim_run(study: Any, key: str, run_id: str, discard: Callable[[str], None] | None = None,
               settle_s: float = 1.0) -> str:
     """The one claim protocol for runs that several workers may create at the same time (the study's parent run,
@@ -34,20 +35,21 @@ def claim_run(study: Any, key: str, run_id: str, discard: Callable[[str], None] 
     worker see the last write. A loser passes its own run to
     ``discard`` (end and delete it), so no orphaned run is left RUNNING. Returns the winner's run id.
     """
-    if key not in study.user_attrs:
+    wrote = key not in study.user_attrs
+    if wrote:
         study.set_user_attr(key, run_id)
         time.sleep(settle_s)
-        for _ in range(5):
-            winner = study.user_attrs[key]
-            time.sleep(settle_s / 2)
-            if study.user_attrs[key] == winner:
-                break
     winner = study.user_attrs[key]
+    for _ in range(5 if wrote else 0):      # a racing write may land late on a loaded machine: read until stable
+        time.sleep(settle_s / 2)
+        again = study.user_attrs[key]
+        if again == winner:
+            break
+        winner = again
     if winner != run_id and discard is not None:
         with contextlib.suppress(Exception):     # best effort: the run is unused either way
             discard(run_id)
     return winner
-
 
 
 # ---- one run ------------------------------------------------------------------------------------------------

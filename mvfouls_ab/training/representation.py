@@ -123,7 +123,7 @@ class _Heads(nn.Module):
 def _augment(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """uint8 [M, C, H, W] -> float32 in [0, 1] with a brightness jitter per frame. No shifts or crops: the
     spatial max of frame2d does not care where a pattern is, and a shift's filled border only added edges the
-    network learned instead of the foul (benchmarks/README.md)."""
+    network learned instead of the foul (README.md, "Results")."""
     gain = rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS, size=(len(frames), 1, 1, 1)) / 255.0
     return (frames * gain).astype(np.float32)
 
@@ -316,7 +316,6 @@ def learned_representation(cfg: TrainingConfig, data: DataBundle) -> Representat
     info = json.loads(meta.read_text())
     return Representation(meta.parent / "backbone.pt", key, parts, info.get("history", []),
                           float(info.get("seconds", 0.0)), False)
-
 
 
 def log_representation_run(rep: Representation, tracking_uri: str, experiment: str,
